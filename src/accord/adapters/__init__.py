@@ -1,0 +1,1 @@
+"""Adapters and stores for each engine: memory, redis, postgres, rabbitmq."""

@@ -1,0 +1,1 @@
+"""In-process adapters: the embedded defaults, and the reference for every other engine."""
