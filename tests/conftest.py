@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import os
 import shutil
 import socket
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -64,25 +66,31 @@ def redis_url() -> str:
     return REDIS_URL
 
 
-@pytest.fixture
-async def postgres_url() -> AsyncIterator[str]:
-    """A PostgreSQL URL whose search_path is a fresh schema, dropped after the test."""
-    require_server("PostgreSQL", POSTGRES_URL, 5432)
+def _run_sql(sql: str) -> None:
+    """Run one statement on the test server from sync code (fixtures usable everywhere)."""
     import asyncpg
 
+    async def run() -> None:
+        connection = await asyncpg.connect(POSTGRES_URL)
+        try:
+            await connection.execute(sql)
+        finally:
+            await connection.close()
+
+    # A thread keeps this independent of whichever event loop the test runs in.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, run()).result()
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL URL whose search_path is a fresh schema, dropped after the test."""
+    require_server("PostgreSQL", POSTGRES_URL, 5432)
     schema = unique("accord_t")
-    connection = await asyncpg.connect(POSTGRES_URL)
-    try:
-        await connection.execute(f'CREATE SCHEMA "{schema}"')
-    finally:
-        await connection.close()
+    _run_sql(f'CREATE SCHEMA "{schema}"')
     separator = "&" if "?" in POSTGRES_URL else "?"
     yield f"{POSTGRES_URL}{separator}search_path={schema}"
-    connection = await asyncpg.connect(POSTGRES_URL)
-    try:
-        await connection.execute(f'DROP SCHEMA "{schema}" CASCADE')
-    finally:
-        await connection.close()
+    _run_sql(f'DROP SCHEMA "{schema}" CASCADE')
 
 
 @pytest.fixture(scope="session")

@@ -277,8 +277,7 @@ class Application:
     async def _shutdown(self, *, rollback: bool) -> None:
         self.state = AppState.STOPPING
         started = self._started
-        if not rollback or "queue" in started:
-            await self._quietly("before_stop event", self.emit("before_stop"))
+        await self._quietly("before_stop event", self.emit("before_stop"))
         for plugin in self._loaded:
             await self._quietly(f"plugin {plugin.name!r} before_stop", plugin.before_stop())
         if "queue" in started:

@@ -193,15 +193,16 @@ class Settings:
         return None
 
     def check_dependencies(self) -> None:
-        """Import the driver of every configured engine; `MissingDependency` names the extra."""
-        urls = {
-            "db_url": self.resolved_db_url,
-            "pubsub_url": self.resolved_pubsub_url,
-            "queue_url": self.resolved_queue_url,
-            "lock_url": self.resolved_lock_url,
-        }
-        if self.cache_store == "redis":
-            urls["cache_url"] = self.resolved_cache_url or ""
+        """Import the driver of every configured engine; `MissingDependency` names the extra.
+
+        Each URL is checked under the setting that the user actually gave, so the
+        error names the variable to change.
+        """
+        urls = {"db_url": self.resolved_db_url}
+        for field in ("cluster_url", "cache_url", "pubsub_url", "queue_url", "lock_url"):
+            url = getattr(self, field)
+            if url is not None:
+                urls[field] = url
         for field, url in urls.items():
             module = DRIVERS.get(scheme_of(url))
             if module is not None:
