@@ -29,7 +29,15 @@ def test_no_command_prints_help_and_fails() -> None:
 def test_demo_narrates_every_step(tmp_path: object) -> None:
     result = run("demo")
     assert result.returncode == 0, result.stderr
-    for title in ("Lifecycle", "Database", "Cache", "Pub/sub", "Sync messages", "Event queue", "Locks"):
+    for title in (
+        "Lifecycle",
+        "Database",
+        "Cache",
+        "Pub/sub",
+        "Sync messages",
+        "Event queue",
+        "Locks",
+    ):
         assert title in result.stdout
     assert "demo finished" in result.stdout
     assert "Traceback" not in result.stderr

@@ -55,7 +55,11 @@ def test_postgres_cluster_url_does_not_become_a_cache_url() -> None:
 @pytest.mark.parametrize(
     ("variable", "value", "message"),
     [
-        ("ACCORD_PUBSUB_URL", "kafka://127.0.0.1:9092", "ACCORD_PUBSUB_URL: unknown scheme 'kafka'"),
+        (
+            "ACCORD_PUBSUB_URL",
+            "kafka://127.0.0.1:9092",
+            "ACCORD_PUBSUB_URL: unknown scheme 'kafka'",
+        ),
         ("ACCORD_CLUSTER_URL", "amqp://127.0.0.1", "ACCORD_CLUSTER_URL: unknown scheme 'amqp'"),
         ("ACCORD_LOCK_URL", "redis://127.0.0.1:notaport/0", "ACCORD_LOCK_URL: malformed URL"),
         ("ACCORD_QUEUE_URL", "redis:///0", "ACCORD_QUEUE_URL: 'redis:///0' has no host"),

@@ -29,7 +29,9 @@ def test_load_adapter_imports_only_what_is_used() -> None:
 
 
 def test_unknown_scheme_lists_the_known_ones() -> None:
-    with pytest.raises(ConfigError, match="ACCORD_X: unknown scheme 'nats'; use one of: memory, redis"):
+    with pytest.raises(
+        ConfigError, match="ACCORD_X: unknown scheme 'nats'; use one of: memory, redis"
+    ):
         load_adapter(TABLE, "nats://127.0.0.1", setting="ACCORD_X")
 
 

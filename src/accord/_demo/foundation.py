@@ -42,7 +42,9 @@ async def database(say: Callable[[str], None]) -> None:
         async with first.db.transaction() as tx:
             await tx.connection.execute(text("INSERT INTO demo_notes (body) VALUES ('hello')"))
             tx.after_commit(lambda: committed.append("after_commit ran"))
-            say(f"instance 1 wrote a row inside a transaction; callbacks so far: {committed or 'none'}")
+            say(
+                f"instance 1 wrote a row inside a transaction; callbacks so far: {committed or 'none'}"
+            )
         say(f"it committed, then: {committed[0]}")
         async with second.db.transaction() as tx:
             body = (await tx.connection.execute(text("SELECT body FROM demo_notes"))).scalar()
