@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import Column, DateTime, MetaData, String, Table, select
 
 from .cache import CacheManager
-from .cluster import new_instance_id
+from .cluster import Cluster, new_instance_id
 from .config import Settings
 from .db import Database
 from .event_queue import EventQueue
@@ -93,11 +93,19 @@ class Application:
         self.sync_message_manager = SyncMessageManager(self)
         self.event_queue = EventQueue(self)
         self.cache_manager = CacheManager(self)
+        self.cluster = Cluster(self)
         self._loaded: list[Plugin] = []
         self._started: set[str] = set()
 
     def __repr__(self) -> str:
         return f"<Application {self.name!r} {self.instance_id} {self.state.value}>"
+
+    def rename(self, instance_id: str) -> None:
+        """Take another instance id (the backend found this one held by a live instance)."""
+        self.instance_id = instance_id
+        self.log = AppLogger(logger, {"app": self.name, "instance_id": instance_id})
+        for plugin in self._plugins.values():
+            plugin._attach(self)
 
     @property
     def plugins(self) -> Mapping[str, Plugin]:
@@ -204,6 +212,8 @@ class Application:
             self._loaded.append(plugin)
             await self._hook(plugin, "load")
         await self.emit("after_load")
+        self._started.add("cluster")
+        await self.cluster.join()
         self._started.add("locks")
         await self.lock_manager.connect()
         self._started.add("pubsub")
@@ -290,6 +300,8 @@ class Application:
         await self._quietly("after_stop event", self.emit("after_stop"))
         if "locks" in started:
             await self._quietly("lock manager close", self.lock_manager.close())
+        if "cluster" in started:
+            await self._quietly("cluster leave", self.cluster.close())
         if "db" in started:
             await self._quietly("database close", self.db.close())
         if "caches" in started:
@@ -312,6 +324,7 @@ class Application:
             ("pub/sub", self.pub_sub_manager),
             ("locks", self.lock_manager),
             ("caches", self.cache_manager),
+            ("cluster", self.cluster),
         ):
             await self._quietly(f"{name} abort", manager.abort())
         await self._quietly("database close", self.db.close())

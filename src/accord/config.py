@@ -84,6 +84,8 @@ class Settings:
             Default 10.
         queue_lease: seconds a claimed job stays leased without renewal. Default 30.
         queue_check_interval: seconds between checks for expired leases. Default 15.
+        heartbeat_interval: seconds between membership heartbeats; an instance is
+            gone after three missed beats. Default 5.
     """
 
     app_name: str = "main"
@@ -99,6 +101,7 @@ class Settings:
     stop_grace: float = 10.0
     queue_lease: float = 30.0
     queue_check_interval: float = 15.0
+    heartbeat_interval: float = 5.0
 
     def __post_init__(self) -> None:
         if not self.app_name or not _NAME.match(self.app_name):
@@ -115,7 +118,7 @@ class Settings:
             url = getattr(self, field)
             if url is not None:
                 _check_url(field, url)
-        for field in ("stop_grace", "queue_lease", "queue_check_interval"):
+        for field in ("stop_grace", "queue_lease", "queue_check_interval", "heartbeat_interval"):
             value = getattr(self, field)
             if not isinstance(value, int | float) or value <= 0:
                 raise ConfigError(
