@@ -1,4 +1,4 @@
-"""The `accord` command: `accord demo`, `accord --version`."""
+"""The `accord` command: `accord demo`, `accord doctor`, `accord --version`."""
 
 from __future__ import annotations
 
@@ -33,9 +33,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "demo", help="a narrated 3-instance cluster in one process, on the embedded defaults"
     )
     demo.add_argument("--verbose", action="store_true", help="show accord's own log lines too")
+    commands.add_parser(
+        "doctor", help="reach every backend the ACCORD_* settings name and report what answered"
+    )
     args = parser.parse_args(argv)
     if args.command == "demo":
         return asyncio.run(run_demo(verbose=args.verbose))
+    if args.command == "doctor":
+        return asyncio.run(run_doctor())
     parser.print_help()
     return 2
 
@@ -53,6 +58,22 @@ async def run_demo(*, verbose: bool = False) -> int:
         await step(_say)
     print(f"\ndemo finished in {time.monotonic() - started:.1f} s")
     return 0
+
+
+async def run_doctor() -> int:
+    from ._doctor import render, run_checks
+    from .config import Settings
+    from .exceptions import ConfigError
+
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        print(f"FAIL settings: {exc}")
+        return 1
+    print(f"accord {__version__} doctor: {settings!r}")
+    checks = await run_checks(settings)
+    print(render(checks))
+    return 0 if all(check.ok for check in checks) else 1
 
 
 def _say(line: str) -> None:
