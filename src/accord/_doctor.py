@@ -99,11 +99,17 @@ async def _amqp(url: str) -> str:
     connection = await connect(url)
     try:
         properties = connection.transport.connection.server_properties  # type: ignore[union-attr]
-        product = properties.get("product", "AMQP broker")
-        version = properties.get("version", "?")
+        product, version = (
+            _text(properties.get(key, default))
+            for key, default in (("product", "AMQP broker"), ("version", "?"))
+        )
         return f"{product} {version}"
     finally:
         await connection.close()
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 async def _sqlite(url: str) -> str:
