@@ -1,0 +1,227 @@
+"""RedisLockAdapter: SET NX PX leases with an owner token, Lua compare-and-delete/extend/hand-over."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any
+
+from redis.exceptions import NoScriptError
+
+from ...config import redact
+from ...exceptions import AdapterUnavailable
+from .._lock_waiters import MAX_SLEEP, Waiter, Waiters
+from .._watchdog import Watchdog
+from ._client import map_errors, new_client
+from ._lock_wakeups import RedisWakeups
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
+__all__ = ["RedisLockAdapter"]
+
+PREFIX = "accord:lock:"
+#: One fencing counter for every lock in the Redis database (see `ACQUIRE`).
+FENCE = "accord:lock-fence"
+#: While a process waits for key K, its attempts keep WAITING + K alive this long (ms),
+#: and a release announces itself only then. Longer than a head ever sleeps.
+WAITING = "accord:lock-waiting:"
+WAITING_MS = 5000
+#: Seconds one command may take before the server counts as unreachable.
+COMMAND_TIMEOUT = 10.0
+
+# The fencing token is a hybrid clock: the Redis server's time in microseconds,
+# or the last token + 1 if that is not smaller. It rises while the counter key
+# lives, and after a restart that lost the counter (no persistence, an old
+# snapshot, an eviction) the clock is already past every token handed out,
+# since at most one token per microsecond is issued.
+_NEXT_TOKEN = """
+local now = redis.call('TIME')
+local token = tonumber(now[1]) * 1000000 + tonumber(now[2])
+local last = tonumber(redis.call('GET', KEYS[2]) or '0')
+if last >= token then token = last + 1 end
+token = string.format('%.0f', token)
+redis.call('SET', KEYS[2], token)
+"""
+
+ACQUIRE = f"""
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  {_NEXT_TOKEN}
+  return {{1, token}}
+end
+redis.call('SET', KEYS[3], '1', 'PX', ARGV[3])
+return {{0, redis.call('PTTL', KEYS[1])}}
+"""
+
+# Release straight to the next waiter of the same process: a new owner, lease
+# and token in one step, without a moment where the key is free.
+TRANSFER = f"""
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  {_NEXT_TOKEN}
+  return token
+end
+return false
+"""
+
+# Announced only when someone waits: a PUBLISH is not free on a busy server.
+RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  if redis.call('EXISTS', KEYS[2]) == 1 then
+    redis.call('PUBLISH', ARGV[2], '')
+  end
+  return 1
+end
+return 0
+"""
+
+EXTEND = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+
+class RedisLockAdapter:
+    """Locks in Redis: one key per held lock, waiters woken through pub/sub.
+
+    Args:
+        url: `redis://` or `rediss://` URL.
+        client: a ready `redis.asyncio.Redis` to use. Default: a client of its own.
+        command_timeout: seconds one command may take before Redis counts as
+            unreachable (`AdapterUnavailable`). Default 10.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        client: aioredis.Redis | None = None,
+        command_timeout: float = COMMAND_TIMEOUT,
+    ) -> None:
+        self.url = url
+        self._watchdog = Watchdog(command_timeout)
+        self._given = client
+        self._client: aioredis.Redis | None = client
+        self._scripts: dict[str, _Script] = {}
+        self._waiters = Waiters()
+        self._wakeups = RedisWakeups(url, self._waiters)
+
+    def __repr__(self) -> str:
+        return f"<RedisLockAdapter {redact(self.url)!r}>"
+
+    @staticmethod
+    def name(key: str) -> str:
+        """The Redis key of a lock."""
+        return PREFIX + key
+
+    async def connect(self) -> None:
+        if self._client is None:
+            # A pool of its own without socket_timeout: with one, redis-py wraps
+            # every send in wait_for, a task per command on Python 3.11. The
+            # watchdog bounds each call instead, with one timer for all.
+            self._client = new_client(self.url, socket_timeout=None)
+        for script_name, source in (
+            ("acquire", ACQUIRE),
+            ("release", RELEASE),
+            ("extend", EXTEND),
+            ("transfer", TRANSFER),
+        ):
+            self._scripts[script_name] = _Script(self._client, source)
+        await self._bounded(self._client.ping())
+
+    async def close(self) -> None:
+        await self._wakeups.close()
+        self._watchdog.close()
+        client, self._client = self._client, None
+        if client is not None and self._given is None:
+            await client.aclose()
+
+    async def abort(self) -> None:
+        await self.close()
+
+    async def acquire(
+        self, key: str, owner: str, ttl: float, timeout: float | None = 0
+    ) -> int | None:
+        keys = [self.name(key), FENCE, WAITING + key]
+        args = [owner, _ms(ttl), WAITING_MS]
+        script = self._scripts["acquire"]
+
+        async def attempt() -> tuple[int | None, float | None]:
+            taken, value = await self._run(script, keys, args)
+            if taken:
+                return int(value), None
+            pttl = int(value)
+            # -1: a key without expiry (not ours); poll it rather than spin.
+            return None, (pttl / 1000 if pttl >= 0 else MAX_SLEEP)
+
+        return await self._waiters.acquire(
+            key, attempt, timeout, self._wakeups.listen, owner=owner, ttl=ttl
+        )
+
+    async def release(self, key: str, owner: str) -> bool:
+        head = self._waiters.successor(key)
+        if head is None:
+            return await self._release(key, owner)
+        # Shielded: once the key is handed over, the new owner must learn it.
+        return await asyncio.shield(self._hand_over(key, owner, head))
+
+    async def _release(self, key: str, owner: str) -> bool:
+        keys = [self.name(key), WAITING + key]
+        args = [owner, self._wakeups.channel(key)]
+        return bool(await self._run(self._scripts["release"], keys, args))
+
+    async def _hand_over(self, key: str, owner: str, head: Waiter) -> bool:
+        args = [owner, head.owner, _ms(head.ttl)]
+        token = await self._run(self._scripts["transfer"], [self.name(key), FENCE], args)
+        if token is None:
+            return False
+        if not self._waiters.deliver(head, int(token)):
+            # The waiter gave up meanwhile: free the key it was given.
+            await self._release(key, head.owner)
+        return True
+
+    async def extend(self, key: str, owner: str, ttl: float) -> bool:
+        args = [owner, _ms(ttl)]
+        return bool(await self._run(self._scripts["extend"], [self.name(key)], args))
+
+    async def _run(self, script: _Script, keys: list[str], args: list[Any]) -> Any:
+        return await self._bounded(script(keys, args))
+
+    async def _bounded(self, command: Awaitable[Any]) -> Any:
+        try:
+            return await self._watchdog.run(command)
+        except TimeoutError as exc:
+            raise AdapterUnavailable(
+                f"Redis at {redact(self.url)} did not answer within {self._watchdog.timeout:g} s"
+            ) from exc
+        except Exception:
+            # Translated only on failure: the success path stays cheap.
+            with map_errors(self.url):
+                raise
+
+
+class _Script:
+    """A Lua script run by its SHA1, loaded again when the server lost it (a restart)."""
+
+    def __init__(self, client: aioredis.Redis, source: str) -> None:
+        # redis-py leaves execute_command untyped.
+        self._execute: Any = client.execute_command
+        self.source = source
+        self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
+
+    async def __call__(self, keys: list[str], args: list[Any]) -> Any:
+        # EVALSHA straight through execute_command: redis-py's Script object
+        # costs about a fifth of the round trip on every call.
+        try:
+            return await self._execute("EVALSHA", self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            await self._execute("SCRIPT", "LOAD", self.source)
+            return await self._execute("EVALSHA", self.sha, len(keys), *keys, *args)
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))

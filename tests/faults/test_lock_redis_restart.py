@@ -1,0 +1,201 @@
+"""Redis faults: a restart that loses every key, a server that stops answering."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from accord import AdapterError, AdapterUnavailable, Application, LockLostError, Settings
+from accord.adapters.redis.lock import FENCE, RedisLockAdapter
+from accord.testing import cluster
+from conftest import unique
+
+WAIT = 20.0
+
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
+
+
+class RedisServer:
+    """A throwaway redis-server without persistence on a free loopback port."""
+
+    def __init__(self, folder: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail(
+                "redis-server is not on PATH; it is needed to restart a server", pytrace=False
+            )
+        self.binary = binary
+        self.folder = folder
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.folder),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port, socket_connect_timeout=1)
+        deadline = time.monotonic() + WAIT
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        client.close()
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def get(self, key: str) -> bytes | None:
+        client = redis.Redis(port=self.port)
+        try:
+            value: bytes | None = client.get(key)
+            return value
+        finally:
+            client.close()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[RedisServer]:
+    instance = RedisServer(tmp_path)
+    instance.start()
+    yield instance
+    instance.kill()
+
+
+async def acquire_when_back(app: Application, key: str) -> int:
+    deadline = time.monotonic() + WAIT
+    while True:
+        try:
+            lock = await app.lock_manager.acquire(key, ttl=5, timeout=WAIT)
+        except AdapterError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+            continue
+        await lock.release()
+        return lock.fencing_token
+
+
+async def test_tokens_keep_rising_across_a_restart_that_loses_the_counter(
+    server: RedisServer, tmp_path: Path
+) -> None:
+    name = unique("restart")
+    settings = Settings(
+        app_name=name,
+        storage=str(tmp_path),
+        lock_url=server.url,
+        pubsub_url=f"memory://{name}",
+        queue_url=f"memory://{name}",
+    )
+    async with cluster(2, settings=settings) as (a, b):
+        before = []
+        for _ in range(20):
+            async with a.lock_manager.lock("k", ttl=5) as lock:
+                before.append(lock.fencing_token)
+        assert before == sorted(before)
+
+        started = asyncio.Event()
+
+        async def body() -> None:
+            started.set()
+            await asyncio.sleep(60)
+
+        holder = asyncio.create_task(a.lock_manager.run_exclusive("held", body, ttl=1.0))
+        await asyncio.wait_for(started.wait(), WAIT)
+        waiter = asyncio.create_task(b.lock_manager.acquire("held", ttl=5, timeout=WAIT * 2))
+        await asyncio.sleep(0.2)
+
+        server.kill()
+        server.start()
+        assert server.get(FENCE) is None, "the restart should have lost the counter"
+
+        # The holder's lease vanished with the restart: its body is cancelled.
+        with pytest.raises(LockLostError):
+            await asyncio.wait_for(holder, WAIT)
+        # The waiter gets through once the server is back.
+        got = await asyncio.wait_for(waiter, WAIT * 2)
+        assert got.fencing_token > max(before)
+        await got.release()
+
+        after = await acquire_when_back(a, "k")
+        assert after > max(before), (after, max(before))
+
+
+async def test_a_server_that_stops_answering_cancels_the_body_in_time(
+    server: RedisServer, tmp_path: Path
+) -> None:
+    name = unique("stall")
+    settings = Settings(
+        app_name=name,
+        storage=str(tmp_path),
+        lock_url=server.url,
+        pubsub_url=f"memory://{name}",
+        queue_url=f"memory://{name}",
+    )
+    async with cluster(2, settings=settings) as (a, b):
+        for app in (a, b):
+            # Each command may take 0.5 s here (10 s by default).
+            adapter = RedisLockAdapter(server.url, command_timeout=0.5)
+            app.lock_manager.register_adapter("impatient", adapter, default=True)
+        started = asyncio.Event()
+        finished = False
+
+        async def body() -> None:
+            nonlocal finished
+            started.set()
+            await asyncio.sleep(30)
+            finished = True
+
+        holder = asyncio.create_task(a.lock_manager.run_exclusive("k", body, ttl=1.0))
+        await asyncio.wait_for(started.wait(), WAIT)
+        server.signal(signal.SIGSTOP)
+        try:
+            # Renewal cannot be confirmed: the body is stopped before the lease ends.
+            with pytest.raises(LockLostError, match="ran out|did not finish"):
+                await asyncio.wait_for(holder, WAIT)
+            assert not finished
+            with pytest.raises(AdapterUnavailable, match="did not answer within 0.5 s"):
+                await b.lock_manager.try_acquire("other")
+        finally:
+            server.signal(signal.SIGCONT)
+        lock = await b.lock_manager.acquire("k", ttl=1, timeout=WAIT)
+        await lock.release()
