@@ -12,10 +12,10 @@ from contextlib import AsyncExitStack, asynccontextmanager
 
 from .app import Application, AppState
 from .config import Settings
-from .exceptions import PluginError
+from .exceptions import PluginError, StateError
 from .plugin import Plugin
 
-__all__ = ["cluster", "stop_abruptly", "wait_until"]
+__all__ = ["cluster", "cut_off", "reconnect", "stop_abruptly", "wait_until"]
 
 
 @asynccontextmanager
@@ -87,6 +87,26 @@ async def _stop_all(apps: list[Application]) -> None:
 async def stop_abruptly(app: Application) -> None:
     """Stop `app` as a crash would: no hooks, no drain, no lock release, no acknowledgement."""
     await app.abort()
+
+
+async def cut_off(app: Application) -> None:
+    """Sever `app`'s pub/sub receiving link as a network fault would; it stays down until `reconnect`.
+
+    Returns once the loss is reported (`pubsub:lost` emitted). Messages
+    published meanwhile are missed by `app`; its own publishes still go out.
+    """
+    adapter = app.pub_sub_manager.adapter
+    if adapter is None:
+        raise StateError("cut_off: the application's pub/sub is not connected")
+    await adapter.sever()
+
+
+async def reconnect(app: Application) -> None:
+    """Let a link severed by `cut_off` reconnect; return once it is resubscribed (`pubsub:restored`)."""
+    adapter = app.pub_sub_manager.adapter
+    if adapter is None:
+        raise StateError("reconnect: the application's pub/sub is not connected")
+    await adapter.restore()
 
 
 async def wait_until(
