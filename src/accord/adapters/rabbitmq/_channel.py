@@ -31,7 +31,13 @@ def map_errors(url: str | None = None) -> Iterator[None]:
     where = f" at {redact(url)}" if url else ""
     try:
         yield
-    except (OSError, TimeoutError, aiormq.exceptions.AMQPConnectionError) as exc:
+    except (
+        OSError,
+        TimeoutError,
+        aiormq.exceptions.AMQPConnectionError,
+        # aiormq raises this (a RuntimeError) for a call on a channel that has closed.
+        aiormq.exceptions.ChannelInvalidStateError,
+    ) as exc:
         raise AdapterUnavailable(f"RabbitMQ{where} is unreachable: {exc}") from exc
     except aiormq.exceptions.AMQPError as exc:
         raise AdapterError(f"RabbitMQ{where} failed: {exc}") from exc
