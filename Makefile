@@ -20,6 +20,9 @@ $(VENV)/.installed-dev: $(BIN)/python pyproject.toml
 
 $(VENV)/.installed-bench: $(VENV)/.installed-dev bench/requirements.txt
 	$(BIN)/python -m pip install --quiet -r bench/requirements.txt
+	@# arq pins redis<6; the figures are measured with accord's own redis-py and no hiredis.
+	$(BIN)/python -m pip install --quiet --no-deps --upgrade 'redis>=8'
+	-$(BIN)/python -m pip uninstall --quiet -y hiredis
 	@touch $@
 
 demo: $(VENV)/.installed

@@ -66,6 +66,7 @@ def test_postgres_cluster_url_does_not_become_a_cache_url() -> None:
         ("ACCORD_DB_URL", "mysql://127.0.0.1/db", "ACCORD_DB_URL: unknown scheme 'mysql'"),
         ("ACCORD_CACHE_URL", "   ", None),  # blank is unset, not an error
         ("ACCORD_APP_NAME", "has space", "ACCORD_APP_NAME: 'has space' is not a valid name"),
+        ("ACCORD_APP_NAME", "accord", "ACCORD_APP_NAME: 'accord' is reserved"),
         ("ACCORD_STOP_GRACE", "soon", "ACCORD_STOP_GRACE: 'soon' is not a number"),
         ("ACCORD_QUEUE_LEASE", "-1", "ACCORD_QUEUE_LEASE: -1.0 is not a positive number"),
     ],

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from .app import Application, AppState
+from .cache import MISSING, Cache, CacheManager
+from .cluster import Cluster, InstanceInfo
 from .config import Settings
 from .db import Database, Transaction
+from .event_queue import DeadLetter, EventQueue, JobContext, QueueStats
 from .exceptions import (
     AccordError,
     AdapterError,
@@ -22,31 +25,48 @@ from .exceptions import (
     SerializationError,
     StateError,
 )
+from .locks import Lock, LockManager
 from .plugin import Plugin
+from .pubsub import Envelope, PubSubManager
+from .sync_messages import SyncMessageManager
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "MISSING",
     "AccordError",
     "AdapterError",
     "AdapterUnavailable",
     "AppState",
     "Application",
+    "Cache",
     "CacheError",
+    "CacheManager",
     "CacheNotFound",
+    "Cluster",
     "ConfigError",
     "Database",
+    "DeadLetter",
+    "Envelope",
+    "EventQueue",
+    "InstanceInfo",
+    "JobContext",
     "JobNotFound",
+    "Lock",
     "LockAcquireError",
     "LockError",
     "LockLostError",
+    "LockManager",
     "MissingDependency",
     "Plugin",
     "PluginError",
+    "PubSubManager",
     "QueueError",
+    "QueueStats",
     "SerializationError",
     "Settings",
     "StateError",
+    "SyncMessageManager",
     "Transaction",
     "__version__",
 ]

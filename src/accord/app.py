@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy import Column, DateTime, MetaData, String, Table, select
 
-from .cache import CacheManager
+from .cache import Cache, CacheManager
 from .cluster import Cluster, new_instance_id
 from .config import Settings
 from .db import Database
@@ -39,6 +39,8 @@ installed_plugins = Table(
 
 
 class AppState(enum.Enum):
+    """Where an application is in its lifecycle; a stopped application does not start again."""
+
     NEW = "new"
     STARTING = "starting"
     STARTED = "started"
@@ -113,7 +115,7 @@ class Application:
         return MappingProxyType(self._plugins)
 
     @property
-    def cache(self) -> Any:
+    def cache(self) -> Cache:
         """The default cache, named after the application."""
         return self.cache_manager.default
 

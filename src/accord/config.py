@@ -39,6 +39,9 @@ DRIVERS: dict[str, str] = {
     **{scheme: "aio_pika" for scheme in AMQP_SCHEMES},
 }
 
+# Server-side names of accord's own structures start with this segment.
+RESERVED_NAME = "accord"
+
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
@@ -108,6 +111,11 @@ class Settings:
             raise ConfigError(
                 f"{env_name('app_name')}: {self.app_name!r} is not a valid name; "
                 "use letters, digits, '_', '-' or '.'"
+            )
+        if self.app_name == RESERVED_NAME:
+            raise ConfigError(
+                f"{env_name('app_name')}: {RESERVED_NAME!r} is reserved for accord's own "
+                "keys and channels; choose another application name"
             )
         if not self.cache_store or not _NAME.match(self.cache_store):
             raise ConfigError(

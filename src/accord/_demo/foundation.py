@@ -12,11 +12,20 @@ from ..testing import cluster
 
 class Notes(Plugin):
     name = "notes"
+    installs = 0
+
+    async def after_add(self) -> None:
+        self.hooks = ["after_add"]
+
+    async def before_load(self) -> None:
+        self.hooks.append("before_load")
 
     async def load(self) -> None:
-        self.hooks = ["after_add", "before_load", "load"]
+        self.hooks.append("load")
 
     async def install(self) -> None:
+        self.hooks.append("install")
+        type(self).installs += 1
         async with self.db.transaction() as tx:
             await tx.connection.execute(
                 text("CREATE TABLE IF NOT EXISTS demo_notes (id INTEGER PRIMARY KEY, body TEXT)")
@@ -30,8 +39,14 @@ async def lifecycle(say: Callable[[str], None]) -> None:
     async with cluster(3, plugins=[Notes], name="demo") as apps:
         for app in apps:
             say(f"instance {app.instance_id} is {app.state.value}")
-        say("hooks ran in order on each: " + " → ".join(apps[0].plugins["notes"].hooks))  # type: ignore[attr-defined]
-        say("`install` ran once for the shared database, not once per instance")
+        hooks = [app.plugins["notes"].hooks for app in apps]  # type: ignore[attr-defined]
+        say("hooks on instance 1: " + " → ".join(hooks[0]))
+        say("hooks on instance 2: " + " → ".join(hooks[1]))
+        say(
+            f"`install` ran {Notes.installs} time(s) for the shared database, not once per instance"
+        )
+        members = await apps[0].cluster.instances()
+        say(f"the cluster's membership lists {len(members)} live instances, each with a heartbeat")
     say("all three stopped: queue drained, pub/sub closed, locks released, database closed")
 
 

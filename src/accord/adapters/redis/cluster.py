@@ -20,7 +20,11 @@ class RedisMembershipAdapter:
 
     @staticmethod
     def _names(app: str, instance_id: str = "") -> tuple[str, str]:
-        return _keys.join(app, "instances"), _keys.join(app, "instance", instance_id)
+        # Internal keys start with "accord:", which no cache key can (the app
+        # name "accord" is reserved), so a cache's reset() never touches them.
+        return _keys.join("accord", "instances", app), _keys.join(
+            "accord", "instance", app, instance_id
+        )
 
     async def connect(self) -> None:
         self._client = acquire_client(self.url)
