@@ -16,23 +16,13 @@ if TYPE_CHECKING:
 OUTBOX_KIND = "queue"
 
 
-def _outbox(queue: EventQueue) -> Any:
-    try:
-        return getattr(queue.app.sync_message_manager, "outbox", None)
-    except (AttributeError, NotImplementedError):
-        return None
-
-
 def register_outbox(queue: EventQueue) -> None:
     """Let the outbox relay send the queue's rows, including rows a crashed instance left."""
-    outbox = _outbox(queue)
-    if outbox is None:
-        return
 
     async def send(row_id: Any, record: dict[str, Any]) -> None:
         await send_record(queue, record)
 
-    outbox.register(OUTBOX_KIND, send)
+    queue.app.sync_message_manager.outbox.register(OUTBOX_KIND, send)
 
 
 async def publish_in_transaction(
@@ -54,13 +44,7 @@ async def publish_in_transaction(
         "delay": delay,
         "enqueued_at": job.enqueued_at,
     }
-    outbox = _outbox(queue)
-    if outbox is not None:
-        await outbox.add(transaction, OUTBOX_KIND, record)
-        return
-    # Without an outbox the job is lost if this process dies between the
-    # commit and the enqueue; the outbox closes that window.
-    transaction.after_commit(lambda: send_record(queue, record))
+    await queue.app.sync_message_manager.outbox.add(transaction, OUTBOX_KIND, record)
 
 
 async def send_record(queue: EventQueue, record: dict[str, Any]) -> None:
