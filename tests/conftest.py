@@ -11,6 +11,7 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -27,6 +28,31 @@ AMQP_URL = os.environ.get("ACCORD_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:
 def unique(prefix: str = "t") -> str:
     """A short random name for keys, schemas, queues and app names."""
     return f"{prefix}{uuid.uuid4().hex[:10]}"
+
+
+class Inbox:
+    """A pub/sub handler that records what it receives."""
+
+    def __init__(self) -> None:
+        self.messages: list[Any] = []
+
+    async def __call__(self, message: Any) -> None:
+        self.messages.append(message)
+
+    def __repr__(self) -> str:
+        return f"Inbox({self.messages!r})"
+
+
+def pubsub_settings(pubsub_url: str | None, tmp_path: Path, name: str | None = None) -> Settings:
+    """Settings of an isolated app whose pub/sub runs on `pubsub_url`; queues and locks in memory."""
+    name = name or unique("ps")
+    return Settings(
+        app_name=name,
+        storage=str(tmp_path / unique("s")),
+        pubsub_url=pubsub_url,
+        queue_url=f"memory://{name}",
+        lock_url=f"memory://{name}",
+    )
 
 
 def require_server(name: str, url: str, default_port: int) -> None:
@@ -91,6 +117,15 @@ def postgres_url() -> Iterator[str]:
     separator = "&" if "?" in POSTGRES_URL else "?"
     yield f"{POSTGRES_URL}{separator}search_path={schema}"
     _run_sql(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A `Database` URL, once a SQLite file of this test's own, once a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'shared.sqlite'}"
+    base: str = request.getfixturevalue("postgres_url")
+    return base.replace("postgresql://", "postgresql+asyncpg://", 1)
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 from sqlalchemy import text
@@ -12,14 +11,9 @@ from sqlalchemy import text
 from accord import Database, StateError
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
-    if request.param == "sqlite":
-        url = f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}"
-    else:
-        base = request.getfixturevalue("postgres_url")
-        url = base.replace("postgresql://", "postgresql+asyncpg://", 1)
-    database = Database(url)
+@pytest.fixture
+async def db(db_url: str) -> AsyncIterator[Database]:
+    database = Database(db_url)
     await database.connect()
     async with database.transaction() as tx:
         await tx.connection.execute(text("CREATE TABLE items (name VARCHAR(50))"))

@@ -8,35 +8,16 @@ from typing import Any
 
 import pytest
 
-from accord import Application, Plugin, Settings, StateError
+from accord import Application, Plugin, StateError
 from accord.adapters.memory import pubsub as memory_pubsub
 from accord.testing import cluster, stop_abruptly, wait_until
-from conftest import unique
+from conftest import Inbox, pubsub_settings, unique
 
 WAIT = 5.0
 
 
-class Inbox:
-    def __init__(self) -> None:
-        self.messages: list[Any] = []
-
-    async def __call__(self, message: Any) -> None:
-        self.messages.append(message)
-
-
-def memory_settings(tmp_path: Path, url: str | None) -> Settings:
-    name = unique("mem")
-    return Settings(
-        app_name=name,
-        storage=str(tmp_path / unique("s")),
-        pubsub_url=url,
-        queue_url=f"memory://{name}",
-        lock_url=f"memory://{name}",
-    )
-
-
 async def test_a_single_instance_delivers_to_itself_with_skip_self_false(tmp_path: Path) -> None:
-    async with Application(settings=memory_settings(tmp_path, None)) as app:
+    async with Application(settings=pubsub_settings(None, tmp_path)) as app:
         assert app.pub_sub_manager.url == "memory://"
         inbox = Inbox()
         await app.pub_sub_manager.subscribe("self", inbox)
@@ -47,7 +28,7 @@ async def test_a_single_instance_delivers_to_itself_with_skip_self_false(tmp_pat
 
 
 async def test_the_default_bus_is_shared_and_named_buses_are_private(tmp_path: Path) -> None:
-    shared = memory_settings(tmp_path, None)
+    shared = pubsub_settings(None, tmp_path)
     private = shared.replace(pubsub_url=f"memory://{unique('bus')}", storage=str(tmp_path / "p"))
     async with (
         Application(settings=shared) as first,
@@ -67,7 +48,7 @@ async def test_the_default_bus_is_shared_and_named_buses_are_private(tmp_path: P
 async def test_a_bus_is_dropped_when_its_last_instance_leaves(tmp_path: Path) -> None:
     url = f"memory://{unique('bus')}"
     name = memory_pubsub.bus_name(url)
-    async with cluster(2, settings=memory_settings(tmp_path, url)) as apps:
+    async with cluster(2, settings=pubsub_settings(url, tmp_path)) as apps:
         await apps[0].pub_sub_manager.subscribe("news", Inbox())
         assert name in memory_pubsub._buses
     assert name not in memory_pubsub._buses
@@ -81,7 +62,7 @@ class EarlyPublisher(Plugin):
 
 
 async def test_publishing_from_load_connects_early(tmp_path: Path) -> None:
-    settings = memory_settings(tmp_path, f"memory://{unique('bus')}")
+    settings = pubsub_settings(f"memory://{unique('bus')}", tmp_path)
     async with Application(settings=settings) as listener:
         inbox = Inbox()
         await listener.pub_sub_manager.subscribe("boot", inbox)
@@ -92,14 +73,14 @@ async def test_publishing_from_load_connects_early(tmp_path: Path) -> None:
 
 async def test_plain_functions_work_as_handlers(tmp_path: Path) -> None:
     seen: list[Any] = []
-    async with cluster(2, settings=memory_settings(tmp_path, f"memory://{unique()}")) as apps:
+    async with cluster(2, settings=pubsub_settings(f"memory://{unique()}", tmp_path)) as apps:
         await apps[1].pub_sub_manager.subscribe("plain", seen.append)  # type: ignore[arg-type]
         await apps[0].pub_sub_manager.publish("plain", 1)
         await wait_until(lambda: seen == [1], WAIT)
 
 
 async def test_bad_arguments_and_closed_managers_fail_clearly(tmp_path: Path) -> None:
-    async with cluster(1, settings=memory_settings(tmp_path, f"memory://{unique()}")) as apps:
+    async with cluster(1, settings=pubsub_settings(f"memory://{unique()}", tmp_path)) as apps:
         manager = apps[0].pub_sub_manager
         with pytest.raises(ValueError, match="debounce"):
             await manager.subscribe("x", Inbox(), debounce=-1)
@@ -121,7 +102,7 @@ async def test_abort_cancels_running_handlers(tmp_path: Path) -> None:
             cancelled.set()
             raise
 
-    async with cluster(2, settings=memory_settings(tmp_path, f"memory://{unique()}")) as apps:
+    async with cluster(2, settings=pubsub_settings(f"memory://{unique()}", tmp_path)) as apps:
         await apps[1].pub_sub_manager.subscribe("work", stuck)
         await apps[0].pub_sub_manager.publish("work", 1)
         await asyncio.wait_for(started.wait(), WAIT)

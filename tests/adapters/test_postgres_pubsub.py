@@ -4,38 +4,18 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import pytest
 
-from accord import AdapterUnavailable, Application, Settings
+from accord import AdapterUnavailable, Application
 from accord.adapters.postgres.pubsub import INLINE_LIMIT, TABLE, PostgresPubSubAdapter
 from accord.testing import cluster, wait_until
-from conftest import POSTGRES_URL, unique
+from conftest import POSTGRES_URL, Inbox, pubsub_settings, unique
 
 pytestmark = pytest.mark.postgres
 
 WAIT = 15.0
-
-
-class Inbox:
-    def __init__(self) -> None:
-        self.messages: list[Any] = []
-
-    async def __call__(self, message: Any) -> None:
-        self.messages.append(message)
-
-
-def pg_settings(url: str, tmp_path: Path, name: str | None = None) -> Settings:
-    name = name or unique("ps")
-    return Settings(
-        app_name=name,
-        storage=str(tmp_path / unique("s")),
-        pubsub_url=url,
-        queue_url=f"memory://{name}",
-        lock_url=f"memory://{name}",
-    )
 
 
 def schema_of(url: str) -> str:
@@ -45,7 +25,7 @@ def schema_of(url: str) -> str:
 async def test_large_payloads_go_through_the_table_in_order(
     postgres_url: str, tmp_path: Path
 ) -> None:
-    async with cluster(2, settings=pg_settings(postgres_url, tmp_path)) as apps:
+    async with cluster(2, settings=pubsub_settings(postgres_url, tmp_path)) as apps:
         inbox = Inbox()
         await apps[1].pub_sub_manager.subscribe("big", inbox)
         sequence = [
@@ -71,7 +51,7 @@ async def test_large_payloads_go_through_the_table_in_order(
 
 
 async def test_a_terminated_listen_connection_reconnects(postgres_url: str, tmp_path: Path) -> None:
-    async with cluster(2, settings=pg_settings(postgres_url, tmp_path)) as apps:
+    async with cluster(2, settings=pubsub_settings(postgres_url, tmp_path)) as apps:
         events: list[str] = []
         apps[1].on("pubsub:lost", lambda: events.append("lost"))
         apps[1].on("pubsub:restored", lambda: events.append("restored"))
@@ -101,8 +81,8 @@ async def test_same_app_name_in_two_schemas_stays_apart(postgres_url: str, tmp_p
         other_url = postgres_url.replace(schema_of(postgres_url), other_schema)
         name = unique("same")
         async with (
-            cluster(2, settings=pg_settings(postgres_url, tmp_path, name)) as first,
-            cluster(2, settings=pg_settings(other_url, tmp_path, name)) as second,
+            cluster(2, settings=pubsub_settings(postgres_url, tmp_path, name)) as first,
+            cluster(2, settings=pubsub_settings(other_url, tmp_path, name)) as second,
         ):
             a, b = Inbox(), Inbox()
             await first[1].pub_sub_manager.subscribe("news", a)
@@ -132,6 +112,6 @@ async def test_start_fails_clearly_when_postgres_is_unreachable(tmp_path: Path) 
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     url = f"postgresql://postgres@127.0.0.1:{port}/test"
-    app = Application(settings=pg_settings(url, tmp_path))
+    app = Application(settings=pubsub_settings(url, tmp_path))
     with pytest.raises(AdapterUnavailable, match="unreachable"):
         await app.start()

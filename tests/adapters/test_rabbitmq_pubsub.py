@@ -6,40 +6,20 @@ import shutil
 import socket
 import subprocess
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 import aio_pika
 import aiormq
 import pytest
 
-from accord import AdapterUnavailable, Application, Settings
+from accord import AdapterUnavailable, Application
 from accord.adapters.rabbitmq.pubsub import RabbitMQPubSubAdapter
 from accord.testing import cluster, wait_until
-from conftest import unique
+from conftest import Inbox, pubsub_settings
 
 pytestmark = pytest.mark.rabbitmq
 
 WAIT = 20.0
-
-
-class Inbox:
-    def __init__(self) -> None:
-        self.messages: list[Any] = []
-
-    async def __call__(self, message: Any) -> None:
-        self.messages.append(message)
-
-
-def amqp_settings(url: str, tmp_path: Path) -> Settings:
-    name = unique("ps")
-    return Settings(
-        app_name=name,
-        storage=str(tmp_path / "storage"),
-        pubsub_url=url,
-        queue_url=f"memory://{name}",
-        lock_url=f"memory://{name}",
-    )
 
 
 async def queue_exists(url: str, name: str) -> bool:
@@ -60,7 +40,7 @@ async def queue_exists(url: str, name: str) -> bool:
 async def test_one_exclusive_queue_per_instance_on_a_fanout_exchange(
     amqp_url: str, tmp_path: Path
 ) -> None:
-    async with cluster(3, settings=amqp_settings(amqp_url, tmp_path)) as apps:
+    async with cluster(3, settings=pubsub_settings(amqp_url, tmp_path)) as apps:
         adapters = [app.pub_sub_manager.adapter for app in apps]
         assert all(isinstance(adapter, RabbitMQPubSubAdapter) for adapter in adapters)
         names = {adapter.queue_name for adapter in adapters}  # type: ignore[union-attr]
@@ -79,7 +59,7 @@ async def test_the_broker_closing_our_connection_reconnects_and_redeclares(
 ) -> None:
     ctl = shutil.which("rabbitmqctl")
     assert ctl is not None, "rabbitmqctl is needed to close a connection from the broker side"
-    async with cluster(2, settings=amqp_settings(amqp_url, tmp_path)) as apps:
+    async with cluster(2, settings=pubsub_settings(amqp_url, tmp_path)) as apps:
         events: list[str] = []
         apps[1].on("pubsub:lost", lambda: events.append("lost"))
         apps[1].on("pubsub:restored", lambda: events.append("restored"))
@@ -112,7 +92,7 @@ async def test_the_broker_closing_our_connection_reconnects_and_redeclares(
 
 
 async def test_large_messages_round_trip(amqp_url: str, tmp_path: Path) -> None:
-    async with cluster(2, settings=amqp_settings(amqp_url, tmp_path)) as apps:
+    async with cluster(2, settings=pubsub_settings(amqp_url, tmp_path)) as apps:
         inbox = Inbox()
         await apps[1].pub_sub_manager.subscribe("big", inbox)
         big = {"blob": "ü" * 1_000_000, "list": list(range(1000))}
@@ -124,6 +104,6 @@ async def test_start_fails_clearly_when_rabbitmq_is_unreachable(tmp_path: Path) 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    app = Application(settings=amqp_settings(f"amqp://guest:guest@127.0.0.1:{port}/", tmp_path))
+    app = Application(settings=pubsub_settings(f"amqp://guest:guest@127.0.0.1:{port}/", tmp_path))
     with pytest.raises(AdapterUnavailable, match="unreachable"):
         await app.start()

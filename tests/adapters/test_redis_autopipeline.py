@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 import redis.exceptions as redis_errors
-from cache_redis_server import PrivateRedis
 
 from accord import StateError
 from accord.adapters.redis._autopipeline import (
@@ -19,6 +18,7 @@ from accord.adapters.redis._autopipeline import (
     release_pipeline,
 )
 from conftest import unique
+from servers import RedisServer
 
 pytestmark = pytest.mark.redis
 
@@ -145,7 +145,7 @@ async def test_a_killed_connection_fails_in_flight_commands_and_reconnects(
 
 
 async def test_a_hung_server_trips_the_reply_timeout(tmp_path: Path) -> None:
-    server = PrivateRedis(tmp_path)
+    server = RedisServer(tmp_path)
     server.start()
     pipe = AutoPipeline(server.url(), reply_timeout=0.5)
     try:
@@ -161,7 +161,7 @@ async def test_a_hung_server_trips_the_reply_timeout(tmp_path: Path) -> None:
 
 
 async def test_password_and_database_from_the_url(tmp_path: Path) -> None:
-    server = PrivateRedis(tmp_path, password="s3cret")
+    server = RedisServer(tmp_path, password="s3cret")
     server.start()
     pipe = AutoPipeline(server.url(db=2))
     wrong = AutoPipeline(server.url(password="nope"))
@@ -178,7 +178,7 @@ async def test_password_and_database_from_the_url(tmp_path: Path) -> None:
 
 
 async def test_rediss_urls_speak_tls(tmp_path: Path) -> None:
-    server = PrivateRedis(tmp_path, tls=True)
+    server = RedisServer(tmp_path, tls=True)
     server.start()
     unverified = AutoPipeline(server.url() + "?ssl_cert_reqs=none")
     verified = AutoPipeline(server.url() + f"?ssl_ca_certs={server.certificate}")

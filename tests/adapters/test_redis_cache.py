@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
-from cache_redis_server import PrivateRedis
 
 from accord import AdapterUnavailable, Application, ConfigError, Settings
 from accord.adapters.redis import _autopipeline
 from accord.cache import MISSING, Cache
 from conftest import unique
+from servers import RedisServer
 
 pytestmark = pytest.mark.redis
 
@@ -34,11 +34,9 @@ async def raw(redis_url: str) -> AsyncIterator[aioredis.Redis]:
 
 
 @pytest.fixture
-def private(tmp_path: Path) -> Iterator[PrivateRedis]:
-    server = PrivateRedis(tmp_path)
-    server.start()
-    yield server
-    server.kill()
+def private(tmp_path: Path) -> Iterator[RedisServer]:
+    with RedisServer(tmp_path / "redis") as server:
+        yield server
 
 
 async def test_keys_are_app_prefix_key_with_escaped_segments_and_px_ttls(
@@ -93,7 +91,7 @@ async def test_reset_and_keys_touch_one_namespace_of_one_app_only(
 
 
 async def test_reset_and_keys_use_scan_never_keys_or_flushdb(
-    tmp_path: Path, private: PrivateRedis
+    tmp_path: Path, private: RedisServer
 ) -> None:
     async with Application(settings=app_settings(tmp_path, private.url())) as app:
         cache = await app.cache_manager.create_cache("c", store="redis")
@@ -135,7 +133,7 @@ async def test_the_redis_store_needs_a_url(tmp_path: Path) -> None:
 
 
 async def test_an_unreachable_redis_is_an_error_without_fail_open(
-    tmp_path: Path, private: PrivateRedis
+    tmp_path: Path, private: RedisServer
 ) -> None:
     async with Application(settings=app_settings(tmp_path, private.url())) as app:
         cache = await app.cache_manager.create_cache("c", store="redis")
@@ -164,7 +162,7 @@ async def _exercise_outage(cache: Cache) -> None:
 
 
 async def test_fail_open_turns_a_dead_redis_into_misses(
-    tmp_path: Path, private: PrivateRedis, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, private: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with Application(settings=app_settings(tmp_path, private.url())) as app:
         cache = await app.cache_manager.create_cache("c", store="redis", fail_open=True)
@@ -181,7 +179,7 @@ async def test_fail_open_turns_a_dead_redis_into_misses(
 
 
 async def test_fail_open_bounds_each_operation_on_a_hung_redis(
-    tmp_path: Path, private: PrivateRedis, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, private: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with Application(settings=app_settings(tmp_path, private.url())) as app:
         cache = await app.cache_manager.create_cache(

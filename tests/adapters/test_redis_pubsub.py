@@ -4,109 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import signal
 import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
-from accord import AdapterUnavailable, Application, Settings
+from accord import AdapterUnavailable, Application
 from accord.adapters.redis.pubsub import RedisPubSubAdapter
 from accord.testing import cluster, wait_until
-from conftest import unique
+from conftest import Inbox, pubsub_settings
+from servers import RedisServer
 
 pytestmark = pytest.mark.redis
 
 WAIT = 15.0
 
 
-class Inbox:
-    def __init__(self) -> None:
-        self.messages: list[Any] = []
-
-    async def __call__(self, message: Any) -> None:
-        self.messages.append(message)
-
-
-class OwnRedis:
-    """A throwaway redis-server on a free loopback port, for tests that stop the server."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.port = _free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
-            + ["--save", "", "--appendonly", "no", "--dir", str(self.folder)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not start on port {self.port}") from None
-                time.sleep(0.05)
-
-    def kill(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(10)
-            self.process = None
-
-    def pause(self) -> None:
-        assert self.process is not None
-        os.kill(self.process.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        assert self.process is not None
-        os.kill(self.process.pid, signal.SIGCONT)
-
-
-def _free_port() -> int:
-    for port in range(6390 + os.getpid() % 50, 6500):
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 6390-6499")
-
-
 @pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
-    server = OwnRedis(tmp_path)
-    server.start()
-    try:
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    with RedisServer(tmp_path / "redis") as server:
         yield server
-    finally:
-        if server.process is not None:
-            server.resume()
-        server.kill()
-
-
-def redis_settings(url: str, tmp_path: Path) -> Settings:
-    name = unique("ps")
-    return Settings(
-        app_name=name,
-        storage=str(tmp_path / "storage"),
-        pubsub_url=url,
-        queue_url=f"memory://{name}",
-        lock_url=f"memory://{name}",
-    )
 
 
 def track_events(app: Application) -> list[str]:
@@ -117,9 +37,9 @@ def track_events(app: Application) -> list[str]:
 
 
 async def test_server_restart_reconnects_and_resubscribes(
-    own_redis: OwnRedis, tmp_path: Path
+    own_redis: RedisServer, tmp_path: Path
 ) -> None:
-    async with cluster(2, settings=redis_settings(own_redis.url, tmp_path)) as apps:
+    async with cluster(2, settings=pubsub_settings(own_redis.url(), tmp_path)) as apps:
         events = track_events(apps[1])
         inbox = Inbox()
         await apps[1].pub_sub_manager.subscribe("news", inbox)
@@ -150,9 +70,9 @@ async def test_server_restart_reconnects_and_resubscribes(
 
 
 async def test_a_hung_server_fails_publish_within_the_timeout(
-    own_redis: OwnRedis, tmp_path: Path
+    own_redis: RedisServer, tmp_path: Path
 ) -> None:
-    async with cluster(2, settings=redis_settings(own_redis.url, tmp_path)) as apps:
+    async with cluster(2, settings=pubsub_settings(own_redis.url(), tmp_path)) as apps:
         await apps[0].pub_sub_manager.publish("news", "warm up the pool")
         own_redis.pause()
         try:
@@ -169,7 +89,7 @@ async def test_a_hung_server_fails_publish_within_the_timeout(
 
 
 async def test_killing_the_subscriber_connection_reconnects(redis_url: str, tmp_path: Path) -> None:
-    async with cluster(2, settings=redis_settings(redis_url, tmp_path)) as apps:
+    async with cluster(2, settings=pubsub_settings(redis_url, tmp_path)) as apps:
         events = track_events(apps[1])
         inbox = Inbox()
         await apps[1].pub_sub_manager.subscribe("news", inbox)
@@ -193,7 +113,7 @@ async def test_killing_the_subscriber_connection_reconnects(redis_url: str, tmp_
 async def test_the_subscriber_connection_is_named_after_the_instance(
     redis_url: str, tmp_path: Path
 ) -> None:
-    async with cluster(1, settings=redis_settings(redis_url, tmp_path)) as apps:
+    async with cluster(1, settings=pubsub_settings(redis_url, tmp_path)) as apps:
         adapter = apps[0].pub_sub_manager.adapter
         assert isinstance(adapter, RedisPubSubAdapter)
         admin = aioredis.Redis.from_url(redis_url)
@@ -211,13 +131,13 @@ async def test_start_fails_clearly_when_redis_is_unreachable(tmp_path: Path) -> 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    app = Application(settings=redis_settings(f"redis://127.0.0.1:{port}/0", tmp_path))
+    app = Application(settings=pubsub_settings(f"redis://127.0.0.1:{port}/0", tmp_path))
     with pytest.raises(AdapterUnavailable, match="unreachable"):
         await app.start()
 
 
 async def test_channels_are_namespaced_on_the_server(redis_url: str, tmp_path: Path) -> None:
-    settings = redis_settings(redis_url, tmp_path).replace(channel_prefix="tenant:7")
+    settings = pubsub_settings(redis_url, tmp_path).replace(channel_prefix="tenant:7")
     async with cluster(1, settings=settings) as apps:
         manager = apps[0].pub_sub_manager
         assert manager.channel_name("a:b") == f"tenant\\:7:{apps[0].name}:a\\:b"
@@ -238,7 +158,7 @@ async def test_channels_are_namespaced_on_the_server(redis_url: str, tmp_path: P
 async def test_foreign_payloads_are_dropped_with_a_warning(
     redis_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async with cluster(2, settings=redis_settings(redis_url, tmp_path)) as apps:
+    async with cluster(2, settings=pubsub_settings(redis_url, tmp_path)) as apps:
         inbox = Inbox()
         manager = apps[1].pub_sub_manager
         await manager.subscribe("news", inbox)
@@ -258,7 +178,7 @@ async def test_foreign_payloads_are_dropped_with_a_warning(
 async def test_large_messages_and_many_concurrent_publishers(
     redis_url: str, tmp_path: Path
 ) -> None:
-    async with cluster(2, settings=redis_settings(redis_url, tmp_path)) as apps:
+    async with cluster(2, settings=pubsub_settings(redis_url, tmp_path)) as apps:
         inbox = Inbox()
         await apps[1].pub_sub_manager.subscribe("bulk", inbox)
         big = {"blob": "x" * 1_000_000}

@@ -23,50 +23,23 @@ from accord import (
 )
 from accord.event_queue import JobContext
 from accord.testing import cluster, stop_abruptly, wait_until
+from servers import ON_POSTGRES, ON_RABBITMQ, ON_REDIS, delete_queue_keys, shared_queue_url
 
 WAIT = 15.0
 
-#: One param per adapter; the fixture of its server URL is in URL_FIXTURES.
-QUEUE_PARAMS = [
-    pytest.param("memory", id="memory"),
-    pytest.param("redis", id="redis", marks=pytest.mark.redis),
-    pytest.param("postgres", id="postgres", marks=pytest.mark.postgres),
-    pytest.param("rabbitmq", id="rabbitmq", marks=pytest.mark.rabbitmq),
-]
-URL_FIXTURES = {"redis": "redis_url", "postgres": "postgres_url", "rabbitmq": "amqp_url"}
+QUEUE_PARAMS = [pytest.param("memory", id="memory"), ON_REDIS, ON_POSTGRES, ON_RABBITMQ]
 
 ClusterFactory = Callable[..., AbstractAsyncContextManager[list[Application]]]
-
-
-async def cleanup_redis(url: str, app_name: str) -> None:
-    """Delete the keys of every channel of `app_name` (never FLUSHDB)."""
-    import redis.asyncio as aioredis
-
-    from accord._keys import glob_escape
-    from accord.adapters.redis.queue import DEAD_INDEX, PREFIX
-
-    client = aioredis.Redis.from_url(url)
-    try:
-        async for key in client.scan_iter(match=glob_escape(PREFIX + app_name) + "*", count=500):
-            await client.delete(key)
-        async for field, channel in client.hscan_iter(DEAD_INDEX):
-            if channel.decode().startswith(app_name):
-                await client.hdel(DEAD_INDEX, field)
-    finally:
-        await client.aclose()
 
 
 @pytest.fixture(params=QUEUE_PARAMS)
 async def queue_url(request: pytest.FixtureRequest, app_name: str) -> AsyncIterator[str]:
     """The URL of the queue adapter under test, isolated for this test."""
-    kind = request.param
-    if kind == "memory":
+    if request.param == "memory":
         yield f"memory://{app_name}"
         return
-    url: str = request.getfixturevalue(URL_FIXTURES[kind])
-    yield url
-    if kind == "redis":
-        await cleanup_redis(url, app_name)
+    async with shared_queue_url(request, app_name) as url:
+        yield url
 
 
 @pytest.fixture
@@ -332,7 +305,7 @@ async def test_shared_channel_is_not_prefixed_with_the_app_name(
         assert (await one.event_queue.stats(channel)).queued == 1
     if queue_url.startswith("redis"):
         for name in (f"{app_name}a", f"{app_name}b", channel):
-            await cleanup_redis(queue_url, name)
+            await delete_queue_keys(queue_url, name)
 
 
 # Scheduling and idempotency.

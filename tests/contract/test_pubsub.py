@@ -12,7 +12,7 @@ import pytest
 
 from accord import Application, Plugin, SerializationError, Settings, StateError
 from accord.testing import cluster, cut_off, reconnect, wait_until
-from conftest import unique
+from conftest import Inbox, unique
 
 WAIT = 15.0
 ADAPTER_PARAMS = [
@@ -21,19 +21,6 @@ ADAPTER_PARAMS = [
     pytest.param("postgres", id="postgres", marks=pytest.mark.postgres),
     pytest.param("rabbitmq", id="rabbitmq", marks=pytest.mark.rabbitmq),
 ]
-
-
-class Inbox:
-    """A handler that records what it receives."""
-
-    def __init__(self) -> None:
-        self.messages: list[Any] = []
-
-    async def __call__(self, message: Any) -> None:
-        self.messages.append(message)
-
-    def __repr__(self) -> str:
-        return f"Inbox({self.messages!r})"
 
 
 def bus_url(kind: str, request: pytest.FixtureRequest, name: str) -> str:

@@ -106,5 +106,24 @@ async def main(mode: str, options: dict[str, Any]) -> None:
         await db.close()
 
 
+# Helpers for the tests (imported by test_lock_*.py).
+
+
+async def spawn(
+    mode: str, options: dict[str, Any], env: dict[str, str]
+) -> asyncio.subprocess.Process:
+    """Start one worker process in `mode`; its stdin (the checker's "go"), stdout and stderr are pipes."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        __file__,
+        mode,
+        json.dumps(options),
+        env=env,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
 if __name__ == "__main__":
     asyncio.run(main(sys.argv[1], json.loads(sys.argv[2])))

@@ -22,7 +22,10 @@ import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from accord import Settings
 
 WORKER = Path(__file__)
 
@@ -104,6 +107,44 @@ class Events:
         return Counter({job: len(pids) for job, pids in self.done.items()})
 
 
+def worker_env(
+    queue_url: str,
+    app_name: str,
+    folder: Path,
+    channel: str,
+    *,
+    lease: float,
+    check_interval: float,
+    concurrency: int,
+    **extra: str,
+) -> dict[str, str]:
+    """The ACCORD_* settings of the workers: the queue under test, a memory bus, local locks."""
+    return {
+        "ACCORD_APP_NAME": app_name,
+        "ACCORD_STORAGE": str(folder),
+        "ACCORD_QUEUE_URL": queue_url,
+        "ACCORD_PUBSUB_URL": "memory://",
+        "ACCORD_LOCK_URL": "local",
+        "ACCORD_QUEUE_LEASE": str(lease),
+        "ACCORD_QUEUE_CHECK_INTERVAL": str(check_interval),
+        "QUEUE_CHANNEL": channel,
+        "QUEUE_CONCURRENCY": str(concurrency),
+        **extra,
+    }
+
+
+def publisher_settings(queue_url: str, app_name: str, folder: Path) -> Settings:
+    """The settings of the test's own instance, which publishes and reads the stats."""
+    from accord import Settings
+
+    return Settings(
+        app_name=app_name,
+        storage=str(folder),
+        queue_url=queue_url,
+        lock_url=f"memory://{app_name}",
+    )
+
+
 async def spawn(env: dict[str, str], log: Path, counters: Path) -> asyncio.subprocess.Process:
     """Start one worker process."""
     return await asyncio.create_subprocess_exec(
@@ -118,24 +159,6 @@ async def wait_ready(log: Path, pid: int, timeout: float = 30.0) -> None:
         if loop.time() > deadline:
             raise TimeoutError(f"worker {pid} did not start within {timeout} s")
         await asyncio.sleep(0.05)
-
-
-async def cleanup_redis(url: str, app_name: str) -> None:
-    """Delete the queue keys of `app_name` (never FLUSHDB)."""
-    import redis.asyncio as aioredis
-
-    from accord._keys import glob_escape
-    from accord.adapters.redis.queue import DEAD_INDEX, PREFIX
-
-    client = aioredis.Redis.from_url(url)
-    try:
-        async for key in client.scan_iter(match=glob_escape(PREFIX + app_name) + "*", count=500):
-            await client.delete(key)
-        async for job_id, channel in client.hscan_iter(DEAD_INDEX):
-            if channel.decode().startswith(app_name):
-                await client.hdel(DEAD_INDEX, job_id)
-    finally:
-        await client.aclose()
 
 
 if __name__ == "__main__":

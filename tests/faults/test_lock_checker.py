@@ -5,16 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import sys
 from collections import defaultdict
 from pathlib import Path
 
 import asyncpg
 import pytest
+from lock_worker import spawn
 
 from conftest import unique
+from servers import ON_POSTGRES, ON_REDIS
 
-WORKER = Path(__file__).with_name("lock_worker.py")
 PROCESSES = 3
 COROUTINES = 10
 CALLS = 5000
@@ -24,14 +24,9 @@ WAIT = 150.0
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 
-@pytest.fixture(
-    params=[
-        pytest.param("redis", marks=pytest.mark.redis),
-        pytest.param("postgres"),
-    ]
-)
+@pytest.fixture(params=[ON_REDIS, ON_POSTGRES])
 def lock_url(request: pytest.FixtureRequest) -> str:
-    url: str = request.getfixturevalue(f"{request.param}_url")
+    url: str = request.getfixturevalue(request.param)
     return url
 
 
@@ -66,18 +61,7 @@ async def test_no_overlap_no_lost_update_and_rising_tokens(
             "coroutines": COROUTINES,
             "out": str(tmp_path / f"holds{index}.json"),
         }
-        workers.append(
-            await asyncio.create_subprocess_exec(
-                sys.executable,
-                str(WORKER),
-                "checker",
-                json.dumps(options),
-                env=env,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-            )
-        )
+        workers.append(await spawn("checker", options, env))
     try:
         for worker in workers:
             assert worker.stdout is not None

@@ -6,17 +6,17 @@ import asyncio
 import json
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
+from lock_worker import spawn
 
 from conftest import unique
+from servers import ON_POSTGRES, ON_REDIS
 
-WORKER = Path(__file__).with_name("lock_worker.py")
 TTL = 1.0
 PAUSE = 3 * TTL
 WAIT = 60.0
@@ -25,14 +25,9 @@ KEY = "fenced:row"
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 
-@pytest.fixture(
-    params=[
-        pytest.param("redis", marks=pytest.mark.redis),
-        pytest.param("postgres"),
-    ]
-)
+@pytest.fixture(params=[ON_REDIS, ON_POSTGRES])
 def lock_url(request: pytest.FixtureRequest) -> str:
-    url: str = request.getfixturevalue(f"{request.param}_url")
+    url: str = request.getfixturevalue(request.param)
     return url
 
 
@@ -56,16 +51,7 @@ class Worker:
 
 
 async def start(mode: str, options: dict[str, Any], env: dict[str, str]) -> Worker:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(WORKER),
-        mode,
-        json.dumps(options),
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    return Worker(process)
+    return Worker(await spawn(mode, options, env))
 
 
 @pytest.mark.timeout(180)

@@ -3,102 +3,27 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
-import signal
-import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 
 from accord import AdapterError, AdapterUnavailable, Application, LockLostError, Settings
 from accord.adapters.redis.lock import FENCE, RedisLockAdapter
 from accord.testing import cluster
 from conftest import unique
+from servers import RedisServer
 
 WAIT = 20.0
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 
-class RedisServer:
-    """A throwaway redis-server without persistence on a free loopback port."""
-
-    def __init__(self, folder: Path) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.fail(
-                "redis-server is not on PATH; it is needed to restart a server", pytrace=False
-            )
-        self.binary = binary
-        self.folder = folder
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [
-                self.binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.folder),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=self.port, socket_connect_timeout=1)
-        deadline = time.monotonic() + WAIT
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        client.close()
-
-    def kill(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait()
-            self.process = None
-
-    def signal(self, signum: int) -> None:
-        assert self.process is not None
-        self.process.send_signal(signum)
-
-    def get(self, key: str) -> bytes | None:
-        client = redis.Redis(port=self.port)
-        try:
-            value: bytes | None = client.get(key)
-            return value
-        finally:
-            client.close()
-
-
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[RedisServer]:
-    instance = RedisServer(tmp_path)
-    instance.start()
-    yield instance
-    instance.kill()
+    with RedisServer(tmp_path / "redis") as instance:
+        yield instance
 
 
 async def acquire_when_back(app: Application, key: str) -> int:
@@ -122,7 +47,7 @@ async def test_tokens_keep_rising_across_a_restart_that_loses_the_counter(
     settings = Settings(
         app_name=name,
         storage=str(tmp_path),
-        lock_url=server.url,
+        lock_url=server.url(),
         pubsub_url=f"memory://{name}",
         queue_url=f"memory://{name}",
     )
@@ -146,7 +71,7 @@ async def test_tokens_keep_rising_across_a_restart_that_loses_the_counter(
 
         server.kill()
         server.start()
-        assert server.get(FENCE) is None, "the restart should have lost the counter"
+        assert server.run("GET", FENCE) is None, "the restart should have lost the counter"
 
         # The holder's lease vanished with the restart: its body is cancelled.
         with pytest.raises(LockLostError):
@@ -167,14 +92,14 @@ async def test_a_server_that_stops_answering_cancels_the_body_in_time(
     settings = Settings(
         app_name=name,
         storage=str(tmp_path),
-        lock_url=server.url,
+        lock_url=server.url(),
         pubsub_url=f"memory://{name}",
         queue_url=f"memory://{name}",
     )
     async with cluster(2, settings=settings) as (a, b):
         for app in (a, b):
             # Each command may take 0.5 s here (10 s by default).
-            adapter = RedisLockAdapter(server.url, command_timeout=0.5)
+            adapter = RedisLockAdapter(server.url(), command_timeout=0.5)
             app.lock_manager.register_adapter("impatient", adapter, default=True)
         started = asyncio.Event()
         finished = False
@@ -187,7 +112,7 @@ async def test_a_server_that_stops_answering_cancels_the_body_in_time(
 
         holder = asyncio.create_task(a.lock_manager.run_exclusive("k", body, ttl=1.0))
         await asyncio.wait_for(started.wait(), WAIT)
-        server.signal(signal.SIGSTOP)
+        server.pause()
         try:
             # Renewal cannot be confirmed: the body is stopped before the lease ends.
             with pytest.raises(LockLostError, match="ran out|did not finish"):
@@ -196,6 +121,6 @@ async def test_a_server_that_stops_answering_cancels_the_body_in_time(
             with pytest.raises(AdapterUnavailable, match="did not answer within 0.5 s"):
                 await b.lock_manager.try_acquire("other")
         finally:
-            server.signal(signal.SIGCONT)
+            server.resume()
         lock = await b.lock_manager.acquire("k", ttl=1, timeout=WAIT)
         await lock.release()

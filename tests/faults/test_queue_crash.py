@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from queue_worker import Events, cleanup_redis, spawn, wait_ready
+from queue_worker import Events, publisher_settings, spawn, wait_ready, worker_env
 
-from accord import Settings
 from accord.testing import cluster
+from servers import ON_POSTGRES, ON_RABBITMQ, ON_REDIS, shared_queue_url
 
 JOBS = 2000
 WORKERS = 3
@@ -21,38 +21,13 @@ LEASE = 2.0
 CHECK_INTERVAL = 0.5
 WAIT = 150.0
 
-#: One param per adapter; the fixture of its server URL is in URL_FIXTURES.
-CRASH_PARAMS = [
-    pytest.param("redis", id="redis", marks=pytest.mark.redis),
-    pytest.param("postgres", id="postgres", marks=pytest.mark.postgres),
-    pytest.param("rabbitmq", id="rabbitmq", marks=pytest.mark.rabbitmq),
-]
-URL_FIXTURES = {"redis": "redis_url", "postgres": "postgres_url", "rabbitmq": "amqp_url"}
-
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(params=CRASH_PARAMS)
+@pytest.fixture(params=[ON_REDIS, ON_POSTGRES, ON_RABBITMQ])
 async def queue_url(request: pytest.FixtureRequest, app_name: str) -> AsyncIterator[str]:
-    url: str = request.getfixturevalue(URL_FIXTURES[request.param])
-    yield url
-    if request.param == "redis":
-        await cleanup_redis(url, app_name)
-
-
-def worker_env(url: str, app_name: str, storage: Path) -> dict[str, str]:
-    return {
-        "ACCORD_APP_NAME": app_name,
-        "ACCORD_STORAGE": str(storage),
-        "ACCORD_QUEUE_URL": url,
-        "ACCORD_PUBSUB_URL": "memory://",
-        "ACCORD_LOCK_URL": "local",
-        "ACCORD_QUEUE_LEASE": str(LEASE),
-        "ACCORD_QUEUE_CHECK_INTERVAL": str(CHECK_INTERVAL),
-        "ACCORD_STOP_GRACE": "5",
-        "QUEUE_CHANNEL": "crash",
-        "QUEUE_CONCURRENCY": str(CONCURRENCY),
-    }
+    async with shared_queue_url(request, app_name) as url:
+        yield url
 
 
 @pytest.mark.timeout(300)
@@ -60,13 +35,17 @@ async def test_jobs_survive_workers_killed_every_two_seconds(
     queue_url: str, app_name: str, tmp_path: Path
 ) -> None:
     log = tmp_path / "events.log"
-    env = worker_env(queue_url, app_name, tmp_path / "workers")
-    settings = Settings(
-        app_name=app_name,
-        storage=str(tmp_path / "publisher"),
-        queue_url=queue_url,
-        lock_url=f"memory://{app_name}",
+    env = worker_env(
+        queue_url,
+        app_name,
+        tmp_path / "workers",
+        "crash",
+        lease=LEASE,
+        check_interval=CHECK_INTERVAL,
+        concurrency=CONCURRENCY,
+        ACCORD_STOP_GRACE="5",
     )
+    settings = publisher_settings(queue_url, app_name, tmp_path / "publisher")
     loop = asyncio.get_running_loop()
     async with cluster(1, settings=settings) as (publisher,):
         ids: list[str] = []

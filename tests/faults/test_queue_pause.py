@@ -9,32 +9,22 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from queue_worker import Events, cleanup_redis, spawn, wait_ready
+from queue_worker import Events, publisher_settings, spawn, wait_ready, worker_env
 
-from accord import Settings
 from accord.testing import cluster, wait_until
+from servers import ON_POSTGRES, ON_RABBITMQ, ON_REDIS, shared_queue_url
 
 LEASE = 2.0
 JOB_MS = 1500
 WAIT = 30.0
 
-#: One param per adapter; the fixture of its server URL is in URL_FIXTURES.
-PAUSE_PARAMS = [
-    pytest.param("redis", id="redis", marks=pytest.mark.redis),
-    pytest.param("postgres", id="postgres", marks=pytest.mark.postgres),
-    pytest.param("rabbitmq", id="rabbitmq", marks=pytest.mark.rabbitmq),
-]
-URL_FIXTURES = {"redis": "redis_url", "postgres": "postgres_url", "rabbitmq": "amqp_url"}
-
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(params=PAUSE_PARAMS)
+@pytest.fixture(params=[ON_REDIS, ON_POSTGRES, ON_RABBITMQ])
 async def queue_url(request: pytest.FixtureRequest, app_name: str) -> AsyncIterator[str]:
-    url: str = request.getfixturevalue(URL_FIXTURES[request.param])
-    yield url
-    if request.param == "redis":
-        await cleanup_redis(url, app_name)
+    async with shared_queue_url(request, app_name) as url:
+        yield url
 
 
 @pytest.mark.timeout(120)
@@ -42,23 +32,16 @@ async def test_paused_worker_jobs_are_redelivered_and_its_late_completions_rejec
     queue_url: str, app_name: str, tmp_path: Path
 ) -> None:
     log = tmp_path / "events.log"
-    env = {
-        "ACCORD_APP_NAME": app_name,
-        "ACCORD_STORAGE": str(tmp_path / "workers"),
-        "ACCORD_QUEUE_URL": queue_url,
-        "ACCORD_PUBSUB_URL": "memory://",
-        "ACCORD_LOCK_URL": "local",
-        "ACCORD_QUEUE_LEASE": str(LEASE),
-        "ACCORD_QUEUE_CHECK_INTERVAL": "0.3",
-        "QUEUE_CHANNEL": "pause",
-        "QUEUE_CONCURRENCY": "2",
-    }
-    settings = Settings(
-        app_name=app_name,
-        storage=str(tmp_path / "publisher"),
-        queue_url=queue_url,
-        lock_url=f"memory://{app_name}",
+    env = worker_env(
+        queue_url,
+        app_name,
+        tmp_path / "workers",
+        "pause",
+        lease=LEASE,
+        check_interval=0.3,
+        concurrency=2,
     )
+    settings = publisher_settings(queue_url, app_name, tmp_path / "publisher")
     async with cluster(1, settings=settings) as (publisher,):
         paused = await spawn(env, log, tmp_path / "paused.json")
         await wait_ready(log, paused.pid)

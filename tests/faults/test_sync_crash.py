@@ -39,14 +39,6 @@ class Crashing(Plugin):
         self.delays.append(time.time() - message["t"])
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite+aiosqlite:///{tmp_path / 'shared.sqlite'}"
-    base: str = request.getfixturevalue("postgres_url")
-    return base.replace("postgresql://", "postgresql+asyncpg://", 1)
-
-
 @pytest.mark.timeout(240)
 async def test_messages_of_instances_killed_after_commit_are_delivered_once(
     redis_url: str, db_url: str, tmp_path: Path

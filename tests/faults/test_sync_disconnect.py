@@ -46,14 +46,6 @@ def counting(app: Application) -> Counting:
     return plugin
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite+aiosqlite:///{tmp_path / 'shared.sqlite'}"
-    base: str = request.getfixturevalue("postgres_url")
-    return base.replace("postgresql://", "postgresql+asyncpg://", 1)
-
-
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("transactional", [False, True], ids=["no-tx", "tx"])
 async def test_killing_the_subscriber_connection_loses_no_sync_message(

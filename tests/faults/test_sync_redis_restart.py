@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
-import socket
-import subprocess
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
 
 from accord import Plugin, Settings
 from accord.testing import cluster, wait_until
 from conftest import unique
+from servers import RedisServer
 
 WAIT = 30.0
 
@@ -37,66 +34,21 @@ class Tally(Plugin):
         self.resyncs += 1
 
 
-class OwnRedis:
-    """A redis-server of this test's own, without persistence, on a free loopback port."""
-
-    def __init__(self, folder: Path) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.fail("redis-server is not on PATH; this test restarts one", pytrace=False)
-        self.binary, self.folder = binary, folder
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    async def start(self) -> None:
-        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
-        args += ["--appendonly", "no", "--dir", str(self.folder)]
-        self.process = subprocess.Popen(
-            [self.binary, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        client = aioredis.Redis(port=self.port, socket_connect_timeout=1)
-        try:
-            await wait_until(lambda: _pings(client), WAIT, interval=0.05)
-        finally:
-            await client.aclose()
-
-    def kill(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait()
-            self.process = None
-
-
-async def _pings(client: aioredis.Redis) -> bool:
-    try:
-        return bool(await client.ping())
-    except (aioredis.ConnectionError, OSError):
-        return False
-
-
 @pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
-    server = OwnRedis(tmp_path)
-    yield server
-    server.kill()
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    with RedisServer(tmp_path / "redis") as server:
+        yield server
 
 
 @pytest.mark.timeout(120)
 async def test_messages_committed_while_redis_is_down_arrive_once_after_it_returns(
-    own_redis: OwnRedis, tmp_path: Path
+    own_redis: RedisServer, tmp_path: Path
 ) -> None:
-    await own_redis.start()
     name = unique("down")
     settings = Settings(
         app_name=name,
         storage=str(tmp_path),
-        pubsub_url=own_redis.url,
+        pubsub_url=own_redis.url(),
         queue_url=f"memory://{name}",
         lock_url=f"memory://{name}",
     )
@@ -119,7 +71,8 @@ async def test_messages_committed_while_redis_is_down_arrive_once_after_it_retur
                     await a.plugins["tally"].send_sync_message({"n": n}, transaction=tx)
         assert await a.sync_message_manager.outbox.pending() >= 20  # (+1 if 0 is not marked yet)
 
-        await own_redis.start()
+        # In a thread: the apps keep running (and retrying) while it starts.
+        await asyncio.to_thread(own_redis.start)
         await wait_until(lambda: a.pub_sub_manager.is_connected(), WAIT)
         await wait_until(lambda: b.pub_sub_manager.is_connected(), WAIT)
         await wait_until(lambda: set(received) == set(range(21)), WAIT)
