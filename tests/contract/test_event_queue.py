@@ -499,8 +499,10 @@ async def test_jobs_of_a_crashed_instance_are_redelivered_after_the_lease(
 
 
 async def test_leases_are_renewed_while_a_long_job_runs(make_cluster: ClusterFactory) -> None:
-    seen = Recorder(duration=2.5)
-    async with make_cluster(2, queue_lease=0.6, queue_check_interval=0.1) as apps:
+    # A job several leases long; the lease stays above 1 s so that a busy CI
+    # machine does not miss the RabbitMQ heartbeats that stand for it.
+    seen = Recorder(duration=3.5)
+    async with make_cluster(2, queue_lease=1.2, queue_check_interval=0.1) as apps:
         for app in apps:
             app.event_queue.subscribe("jobs", process=seen, concurrency=2)
         await apps[0].event_queue.publish("jobs", "long", timeout=10)
