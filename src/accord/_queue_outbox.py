@@ -33,7 +33,7 @@ async def publish_in_transaction(
     The record carries the job id, so a row sent twice (a relay that stalled,
     a crash between sending and marking) is enqueued once while it is pending.
     """
-    job = Job(id=job_id, channel=name, body=body, enqueued_at=time.time())
+    job = Job(id=job_id, channel=name, body=body, enqueued_at=time.time(), keyed=True)
     in_tx = getattr(queue._adapter, "enqueue_in_transaction", None)
     if in_tx is not None and await in_tx(transaction, job, delay) is not None:
         return
@@ -60,6 +60,7 @@ async def send_record(queue: EventQueue, record: dict[str, Any]) -> None:
         channel=record["channel"],
         body=record["body"].encode(),
         enqueued_at=enqueued_at,
+        keyed=True,
     )
     if not await queue.adapter.enqueue(job, remaining):
         queue.app.log.debug(

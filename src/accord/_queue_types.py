@@ -46,6 +46,9 @@ class Job:
         error: the last failure, for retries and dead letters.
         lease: the adapter's handle on this delivery, set by `claim`; "" otherwise.
         failed_at: wall-clock time the job was dead-lettered.
+        keyed: the id must be checked on enqueue: the publisher chose it, or the
+            job comes through the outbox (which may send a row twice). Adapters
+            for which the check is free may check every id.
     """
 
     id: str
@@ -58,6 +61,7 @@ class Job:
     error: str | None = None
     lease: str = ""
     failed_at: float | None = None
+    keyed: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -276,13 +276,14 @@ class EventQueue:
         options = check_options(
             channel, timeout, max_retries, delay, backoff, backoff_max, max_recoveries
         )
+        keyed = job_id is not None
         job_id = new_job_id(channel, job_id)
         body = encode({"payload": payload, "options": options}, what=f"job payload on {channel!r}")
         if transaction is not None:
             await publish_in_transaction(self, transaction, name, job_id, body, delay)
             return job_id
         self._require_connected(f"publish to {channel!r}")
-        job = Job(id=job_id, channel=name, body=body, enqueued_at=time.time())
+        job = Job(id=job_id, channel=name, body=body, enqueued_at=time.time(), keyed=keyed)
         if not await self.adapter.enqueue(job, delay):
             self.app.log.debug("queue %s: job %s is already pending; publish ignored", name, job_id)
         return job_id

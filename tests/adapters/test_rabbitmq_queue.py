@@ -28,11 +28,13 @@ WAIT = 15.0
 
 
 def new_job(channel: str, n: int = 0, job_id: str | None = None) -> Job:
+    """A job as `EventQueue.publish` makes it: a chosen id is keyed (checked on enqueue)."""
     return Job(
         id=job_id or uuid.uuid4().hex,
         channel=channel,
         body=json.dumps({"payload": n, "options": {}}).encode(),
         enqueued_at=time.time(),
+        keyed=job_id is not None,
     )
 
 

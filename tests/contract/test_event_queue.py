@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -324,19 +325,23 @@ async def test_delay_defers_a_job(make_cluster: ClusterFactory) -> None:
     assert seen.starts[1] - sent >= 0.75
 
 
-async def test_job_id_makes_publish_idempotent_while_pending(make_cluster: ClusterFactory) -> None:
+# Any id a caller chooses is checked, including one shaped like the ids publish draws.
+@pytest.mark.parametrize("key", ["report-7", uuid.uuid4().hex], ids=["plain", "uuid-hex"])
+async def test_job_id_makes_publish_idempotent_while_pending(
+    make_cluster: ClusterFactory, key: str
+) -> None:
     seen = Recorder(duration=0.3)
     async with make_cluster(1) as (app,):
-        first = await app.event_queue.publish("jobs", 1, job_id="report-7")
-        second = await app.event_queue.publish("jobs", 2, job_id="report-7")
-        assert first == second == "report-7"
+        first = await app.event_queue.publish("jobs", 1, job_id=key)
+        second = await app.event_queue.publish("jobs", 2, job_id=key)
+        assert first == second == key
         app.event_queue.subscribe("jobs", process=seen)
         await wait_until(lambda: len(seen.starts) == 1, WAIT)
-        await app.event_queue.publish("jobs", 3, job_id="report-7")  # running: still a no-op
+        await app.event_queue.publish("jobs", 3, job_id=key)  # running: still a no-op
         await wait_until(lambda: len(seen.ends) == 1, WAIT)
         await settle(0.5)
         assert seen.payloads == [1]
-        await app.event_queue.publish("jobs", 4, job_id="report-7")  # done: a new job
+        await app.event_queue.publish("jobs", 4, job_id=key)  # done: a new job
         await wait_until(lambda: len(seen.ends) == 2, WAIT)
     assert seen.payloads == [1, 4]
 

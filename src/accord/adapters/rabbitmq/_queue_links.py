@@ -283,6 +283,7 @@ class Links:
                 body=dead.body,
                 enqueued_at=dead.enqueued_at,
                 attempt=dead.attempt + 1,
+                keyed=keyed,
             )
             props = topo.properties(fresh, keyed=keyed)
             await scratch.basic_publish(fresh.body, routing_key=names.work, properties=props)

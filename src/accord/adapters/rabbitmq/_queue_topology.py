@@ -21,7 +21,6 @@ import dataclasses
 import datetime
 import functools
 import hashlib
-import re
 from typing import Any
 
 from pamqp import commands as spec
@@ -37,8 +36,6 @@ DELIVER_EXCHANGE = "accord.delay.deliver"
 #: Room left in a queue name for the prefix and suffixes, and in a routing key for the bits.
 MAX_BASE = 150
 ERROR_LIMIT = 2000
-#: Job ids EventQueue.publish makes itself (uuid4().hex): unique, so never checked.
-GENERATED_ID = re.compile(r"[0-9a-f]{12}4[0-9a-f]{3}[89ab][0-9a-f]{15}")
 _SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_:-")
 
 
@@ -120,11 +117,12 @@ def marker_arguments(expires_ms: int) -> dict[str, Any]:
 
 
 def is_keyed(job: Job) -> bool:
-    """Whether the publisher chose the job id (so a second publish must be a no-op)."""
-    keyed = getattr(job, "keyed", None)
-    if keyed is not None:
-        return bool(keyed)
-    return GENERATED_ID.fullmatch(job.id) is None
+    """Whether a second publish of this job id must be a no-op (`Job.keyed`).
+
+    Checking costs a marker queue per id, so ids that `EventQueue.publish`
+    drew itself (unique by construction) are not checked.
+    """
+    return job.keyed
 
 
 def properties(
@@ -183,6 +181,7 @@ def job_of(channel: str, message: Any, *, lease: str = "", delivery_limit: int =
         error=error or None,
         lease=lease,
         failed_at=float(failed_at) if failed_at is not None else None,
+        keyed=bool(headers.get("k")),
     )
 
 
