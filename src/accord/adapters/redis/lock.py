@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import NoScriptError
@@ -13,7 +13,8 @@ from ...config import redact
 from ...exceptions import AdapterUnavailable
 from .._lock_waiters import MAX_SLEEP, Waiter, Waiters
 from .._watchdog import Watchdog
-from ._client import map_errors, new_client
+from ._autopipeline import AutoPipeline
+from ._client import map_errors
 from ._lock_wakeups import RedisWakeups
 
 if TYPE_CHECKING:
@@ -88,9 +89,13 @@ return 0
 class RedisLockAdapter:
     """Locks in Redis: one key per held lock, waiters woken through pub/sub.
 
+    Without a `client`, commands go over an auto-pipelined connection of its
+    own: redis-py's per-command machinery (pool checkout, retries, parsing)
+    costs more than the round trip itself on a local server.
+
     Args:
         url: `redis://` or `rediss://` URL.
-        client: a ready `redis.asyncio.Redis` to use. Default: a client of its own.
+        client: a ready `redis.asyncio.Redis` to use. Default: a connection of its own.
         command_timeout: seconds one command may take before Redis counts as
             unreachable (`AdapterUnavailable`). Default 10.
     """
@@ -104,8 +109,8 @@ class RedisLockAdapter:
     ) -> None:
         self.url = url
         self._watchdog = Watchdog(command_timeout)
-        self._given = client
-        self._client: aioredis.Redis | None = client
+        self._client = client
+        self._pipe: AutoPipeline | None = None
         self._scripts: dict[str, _Script] = {}
         self._waiters = Waiters()
         self._wakeups = RedisWakeups(url, self._waiters)
@@ -119,26 +124,31 @@ class RedisLockAdapter:
         return PREFIX + key
 
     async def connect(self) -> None:
-        if self._client is None:
-            # A pool of its own without socket_timeout: with one, redis-py wraps
-            # every send in wait_for, a task per command on Python 3.11. The
-            # watchdog bounds each call instead, with one timer for all.
-            self._client = new_client(self.url, socket_timeout=None)
+        execute: Callable[..., Awaitable[Any]]
+        if self._client is not None:
+            execute = self._client.execute_command
+        else:
+            # Not shared with other adapters: a server that stops answering
+            # drops this socket after the lock's own command timeout. The
+            # watchdog bounds each call, with one timer for all.
+            if self._pipe is None:
+                self._pipe = AutoPipeline(self.url, reply_timeout=self._watchdog.timeout)
+            execute = self._pipe.send
         for script_name, source in (
             ("acquire", ACQUIRE),
             ("release", RELEASE),
             ("extend", EXTEND),
             ("transfer", TRANSFER),
         ):
-            self._scripts[script_name] = _Script(self._client, source)
-        await self._bounded(self._client.ping())
+            self._scripts[script_name] = _Script(execute, source)
+        await self._bounded(execute("PING"))
 
     async def close(self) -> None:
         await self._wakeups.close()
         self._watchdog.close()
-        client, self._client = self._client, None
-        if client is not None and self._given is None:
-            await client.aclose()
+        pipe, self._pipe = self._pipe, None
+        if pipe is not None:
+            await pipe.close()
 
     async def abort(self) -> None:
         await self.close()
@@ -207,15 +217,14 @@ class RedisLockAdapter:
 class _Script:
     """A Lua script run by its SHA1, loaded again when the server lost it (a restart)."""
 
-    def __init__(self, client: aioredis.Redis, source: str) -> None:
-        # redis-py leaves execute_command untyped.
-        self._execute: Any = client.execute_command
+    def __init__(self, execute: Callable[..., Awaitable[Any]], source: str) -> None:
+        self._execute = execute
         self.source = source
         self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
 
     async def __call__(self, keys: list[str], args: list[Any]) -> Any:
-        # EVALSHA straight through execute_command: redis-py's Script object
-        # costs about a fifth of the round trip on every call.
+        # EVALSHA straight through: redis-py's Script object costs about a
+        # fifth of the round trip on every call.
         try:
             return await self._execute("EVALSHA", self.sha, len(keys), *keys, *args)
         except NoScriptError:
