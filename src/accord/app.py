@@ -194,7 +194,7 @@ class Application:
             await self._start()
         except BaseException as exc:
             self.log.error("start failed: %s; stopping what had started", exc)
-            await self._shutdown(rollback=True)
+            await self._shutdown()
             raise
         self.state = AppState.STARTED
         self.log.info("started")
@@ -260,17 +260,13 @@ class Application:
     async def _hook(self, plugin: Plugin, hook: str) -> None:
         try:
             await getattr(plugin, hook)()
-        except AccordError as exc:
+        except Exception as exc:
             if isinstance(exc, PluginError) and exc.plugin is not None:
                 raise
+            # accord's own errors read as sentences; anything else is named by its type.
+            detail = str(exc) if isinstance(exc, AccordError) else f"{type(exc).__name__}: {exc}"
             raise PluginError(
-                f"plugin {plugin.name!r} failed in {hook}: {exc}", plugin=plugin.name, hook=hook
-            ) from exc
-        except Exception as exc:
-            raise PluginError(
-                f"plugin {plugin.name!r} failed in {hook}: {type(exc).__name__}: {exc}",
-                plugin=plugin.name,
-                hook=hook,
+                f"plugin {plugin.name!r} failed in {hook}: {detail}", plugin=plugin.name, hook=hook
             ) from exc
 
     async def stop(self) -> None:
@@ -283,10 +279,10 @@ class Application:
                 self.log.debug("stop() on an application that never started")
             return
         self.log.info("stopping")
-        await self._shutdown(rollback=False)
+        await self._shutdown()
         self.log.info("stopped")
 
-    async def _shutdown(self, *, rollback: bool) -> None:
+    async def _shutdown(self) -> None:
         self.state = AppState.STOPPING
         started = self._started
         await self._quietly("before_stop event", self.emit("before_stop"))
@@ -338,8 +334,3 @@ class Application:
             await awaitable
         except Exception:
             self.log.exception("%s failed; stopping continues", what)
-
-    def require_started(self, what: str) -> None:
-        """Raise `StateError` unless the application is starting or started."""
-        if self.state in (AppState.STOPPING, AppState.STOPPED):
-            raise StateError(f"{what}: application {self.name!r} is {self.state.value}")

@@ -91,6 +91,7 @@ class Cluster:
         self.url = _membership_url(app)
         self.state = ClusterState.NEW
         self.started_at = time.time()
+        self.host = socket.gethostname()
         self._adapter: MembershipAdapter | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -101,7 +102,7 @@ class Cluster:
     def _info(self) -> InstanceInfo:
         return InstanceInfo(
             id=self.app.instance_id,
-            host=socket.gethostname(),
+            host=self.host,
             pid=os.getpid(),
             started_at=self.started_at,
             last_beat=time.time(),

@@ -217,10 +217,7 @@ class Settings:
         for field, url in urls.items():
             module = DRIVERS.get(scheme_of(url))
             if module is not None:
-                try:
-                    require(module, feature=f"{env_name(field)}={redact(url)}")
-                except ConfigError as exc:
-                    raise type(exc)(str(exc)) from exc.__cause__
+                require(module, feature=f"{env_name(field)}={redact(url)}")
 
     def __repr__(self) -> str:
         parts = []
