@@ -157,10 +157,9 @@ class Cluster:
     async def _stop_heartbeat(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            # gather, unlike awaiting the task, lets a cancellation aimed at the
+            # caller of close() through instead of swallowing it.
+            await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
 
     async def close(self) -> None:
