@@ -177,7 +177,7 @@ class _Renewal:
         self._runner: asyncio.Task[None] | None = None
         # A timer rather than a task: most bodies end before the first renewal.
         self._handle: asyncio.TimerHandle | None = None
-        self._schedule(lock._deadline - lock.ttl * (1 - RENEW_FRACTION))
+        self._schedule_first()
 
     def _margin(self) -> float:
         return min(self.lock.ttl * MARGIN_FRACTION, MAX_MARGIN)
@@ -185,10 +185,14 @@ class _Renewal:
     def _schedule(self, when: float) -> None:
         self._handle = self._loop.call_at(when, self._due)
 
+    def _schedule_first(self) -> None:
+        # A third of the lease into it, counted from when the lease started.
+        self._schedule(self.lock._deadline - self.lock.ttl * (1 - RENEW_FRACTION))
+
     def reschedule(self) -> None:
         if self._handle is not None:
             self._handle.cancel()
-            self._schedule(self.lock._deadline - self.lock.ttl * (1 - RENEW_FRACTION))
+            self._schedule_first()
 
     def _due(self) -> None:
         self._handle = None
@@ -294,10 +298,10 @@ class _Hold:
             return
         # The renewal cancelled this task; undo that cancellation unless
         # someone else cancelled it too, in which case CancelledError goes on.
-        if self.task.uncancel() > self.cancelling and exc_type is asyncio.CancelledError:
-            await self._release_quietly()
-            return
+        cancelled_too = self.task.uncancel() > self.cancelling
         await self._release_quietly()
+        if cancelled_too and exc_type is asyncio.CancelledError:
+            return
         raise LockLostError(
             f"lock {lock.key!r} was lost while its body ran: {renewal.reason}; "
             "the body was cancelled"

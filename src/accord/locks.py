@@ -92,7 +92,7 @@ class LockManager:
         self._factories: dict[str, AdapterFactory | LockAdapter] = {}
         self._default: str | None = None
         self._adapter: LockAdapter | None = None
-        self._opening: asyncio.Lock | None = None
+        self._opening = asyncio.Lock()
         self._held: set[Lock] = set()
         self._background: set[asyncio.Task[None]] = set()
         self._waiting: dict[asyncio.Task[Any], int] = {}  # task -> its cancelling() count
@@ -139,8 +139,6 @@ class LockManager:
             return self._adapter
         if self.state is ManagerState.CLOSED:
             raise StateError(f"the lock manager of {self.app.name!r} is closed")
-        if self._opening is None:
-            self._opening = asyncio.Lock()
         async with self._opening:
             if self._adapter is None:
                 adapter = self._make(self._factory())

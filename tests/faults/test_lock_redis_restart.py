@@ -26,6 +26,17 @@ def server(tmp_path: Path) -> Iterator[RedisServer]:
         yield instance
 
 
+def settings_for(prefix: str, server: RedisServer, tmp_path: Path) -> Settings:
+    name = unique(prefix)
+    return Settings(
+        app_name=name,
+        storage=str(tmp_path),
+        lock_url=server.url(),
+        pubsub_url=f"memory://{name}",
+        queue_url=f"memory://{name}",
+    )
+
+
 async def acquire_when_back(app: Application, key: str) -> int:
     deadline = time.monotonic() + WAIT
     while True:
@@ -43,15 +54,7 @@ async def acquire_when_back(app: Application, key: str) -> int:
 async def test_tokens_keep_rising_across_a_restart_that_loses_the_counter(
     server: RedisServer, tmp_path: Path
 ) -> None:
-    name = unique("restart")
-    settings = Settings(
-        app_name=name,
-        storage=str(tmp_path),
-        lock_url=server.url(),
-        pubsub_url=f"memory://{name}",
-        queue_url=f"memory://{name}",
-    )
-    async with cluster(2, settings=settings) as (a, b):
+    async with cluster(2, settings=settings_for("restart", server, tmp_path)) as (a, b):
         before = []
         for _ in range(20):
             async with a.lock_manager.lock("k", ttl=5) as lock:
@@ -88,15 +91,7 @@ async def test_tokens_keep_rising_across_a_restart_that_loses_the_counter(
 async def test_a_server_that_stops_answering_cancels_the_body_in_time(
     server: RedisServer, tmp_path: Path
 ) -> None:
-    name = unique("stall")
-    settings = Settings(
-        app_name=name,
-        storage=str(tmp_path),
-        lock_url=server.url(),
-        pubsub_url=f"memory://{name}",
-        queue_url=f"memory://{name}",
-    )
-    async with cluster(2, settings=settings) as (a, b):
+    async with cluster(2, settings=settings_for("stall", server, tmp_path)) as (a, b):
         for app in (a, b):
             # Each command may take 0.5 s here (10 s by default).
             adapter = RedisLockAdapter(server.url(), command_timeout=0.5)

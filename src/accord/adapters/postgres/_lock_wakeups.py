@@ -45,17 +45,12 @@ class PostgresWakeups:
         self._connection: asyncpg.Connection | None = None
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._statements: asyncio.Lock | None = None
+        # One statement at a time: asyncpg refuses concurrent ones on a connection.
+        self._statements = asyncio.Lock()
 
     @staticmethod
     def channel(digest: str) -> str:
         return CHANNEL_PREFIX + digest
-
-    def _lock(self) -> asyncio.Lock:
-        # One statement at a time: asyncpg refuses concurrent ones on a connection.
-        if self._statements is None:
-            self._statements = asyncio.Lock()
-        return self._statements
 
     async def listen(self, digest: str, deadline: float | None) -> None:
         """Make sure releases of the key are heard; waits for that at most `LISTEN_WAIT` seconds."""
@@ -69,7 +64,7 @@ class PostgresWakeups:
         try:
             async with asyncio.timeout(max(wait, 0.0)):
                 await self._ready.wait()
-                async with self._lock():
+                async with self._statements:
                     connection = self._connection
                     if connection is not None and digest not in self._listening:
                         await connection.add_listener(self.channel(digest), self._notified)
@@ -83,10 +78,7 @@ class PostgresWakeups:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+            await asyncio.gather(task, return_exceptions=True)
 
     async def _run(self) -> None:
         backoff = 0.05
@@ -96,7 +88,7 @@ class PostgresWakeups:
             try:
                 connection = await connect(self.url)
                 connection.add_termination_listener(_setter(lost))
-                async with self._lock():
+                async with self._statements:
                     self._listening = set()
                     for digest in list(self._wanted):
                         await connection.add_listener(self.channel(digest), self._notified)
@@ -136,7 +128,7 @@ class PostgresWakeups:
             for digest, asked in self._wanted.items()
             if now - asked > IDLE and not self._waiters.waiting(digest)
         ]
-        async with self._lock():
+        async with self._statements:
             for digest in idle:
                 del self._wanted[digest]
                 if digest in self._listening:

@@ -127,10 +127,7 @@ class PostgresLockAdapter:
         sweeper, self._sweeper = self._sweeper, None
         if sweeper is not None:
             sweeper.cancel()
-            try:
-                await sweeper
-            except asyncio.CancelledError:
-                pass
+            await asyncio.gather(sweeper, return_exceptions=True)
         pool, self._pool = self._pool, None
         if pool is not None and self._given is None:
             await pool.close()
@@ -170,11 +167,14 @@ class PostgresLockAdapter:
     async def release(self, key: str, owner: str) -> bool:
         head = self._waiters.successor(_digest(key))
         if head is None:
-            with map_errors(self.url):
-                rows = await self._ready().fetch(RELEASE, key, owner)
-            return bool(rows)
+            return await self._release(key, owner)
         # Shielded: once the key is handed over, the new owner must learn it.
         return await asyncio.shield(self._hand_over(key, owner, head))
+
+    async def _release(self, key: str, owner: str) -> bool:
+        with map_errors(self.url):
+            rows = await self._ready().fetch(RELEASE, key, owner)
+        return bool(rows)
 
     async def _hand_over(self, key: str, owner: str, head: Waiter) -> bool:
         with map_errors(self.url):
@@ -183,8 +183,7 @@ class PostgresLockAdapter:
             return False
         if not self._waiters.deliver(head, int(token)):
             # The waiter gave up meanwhile: free the key it was given.
-            with map_errors(self.url):
-                await self._ready().fetch(RELEASE, key, head.owner)
+            await self._release(key, head.owner)
         return True
 
     async def extend(self, key: str, owner: str, ttl: float) -> bool:

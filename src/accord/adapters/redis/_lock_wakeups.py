@@ -83,10 +83,7 @@ class RedisWakeups:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+            await asyncio.gather(task, return_exceptions=True)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
