@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import orjson
 
 from ._cache_base import Missing
-from ._keys import escape
+from ._keys import join
 from .adapters.memory.cache import MemoryStore
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ class NearStore:
         self.log = log
         self.local = MemoryStore(max=max)
         self.local_ttl = 5.0 if ttl is None else ttl
-        self.channel = f"{CHANNEL}:{escape(prefix)}"
+        self.channel = join(CHANNEL, prefix)
         self.enabled = False
         self.peek = self.local.peek  # the Cache's synchronous fast path
         self._epoch = 0

@@ -78,24 +78,22 @@ class MemoryStore:
 
     def peek(self, key: str) -> Any:
         """The decoded value of `key`, or `MISSING`; a fresh object each time."""
-        entry = self._entries.get(key)
+        entry = self._live(key)
         if entry is None:
             return MISSING
-        data, value, plan, expires = entry
-        if expires is not None and expires <= monotonic():
-            del self._entries[key]
-            return MISSING
-        self._entries.move_to_end(key)
+        data, value, plan, _ = entry
         if plan is None:
             return value
         if plan is _DECODE:
             return orjson.loads(data)
-        out = value.copy()
-        for child, sub in plan:
-            out[child] = _copy(out[child], sub) if sub else out[child].copy()
-        return out
+        return _copy(value, plan)
 
     def peek_data(self, key: str) -> bytes | None:
+        entry = self._live(key)
+        return None if entry is None else entry[0]
+
+    def _live(self, key: str) -> tuple[bytes, Any, Any, float | None] | None:
+        """The entry of `key` unless it has expired (then it is dropped); marks it recently used."""
         entry = self._entries.get(key)
         if entry is None:
             return None
@@ -103,7 +101,7 @@ class MemoryStore:
             del self._entries[key]
             return None
         self._entries.move_to_end(key)
-        return entry[0]
+        return entry
 
     def put(self, key: str, data: bytes, ttl: float | None) -> None:
         """Store `data` (valid JSON bytes) under `key` for `ttl` seconds (None: no expiry)."""

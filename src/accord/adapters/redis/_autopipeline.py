@@ -9,7 +9,6 @@ import weakref
 from collections import deque
 from collections.abc import Sequence
 from typing import Any, cast
-from urllib.parse import parse_qs, urlsplit
 
 import redis.exceptions as redis_errors
 
@@ -146,7 +145,6 @@ class AutoPipeline:
         self.connect_timeout = connect_timeout
         self.reply_timeout = reply_timeout
         self._options = connection_options(url)
-        self._db = _database(url)
         self._conn: _Connection | None = None
         self._connecting: asyncio.Task[None] | None = None
         self._queued: list[tuple[bytes, asyncio.Future[Any]]] = []
@@ -199,8 +197,8 @@ class AutoPipeline:
                 if options["password"] is not None:
                     user = [options["username"]] if options["username"] else []
                     handshake.append(self._direct(conn, "AUTH", *user, options["password"]))
-                if self._db:
-                    handshake.append(self._direct(conn, "SELECT", self._db))
+                if options["db"]:
+                    handshake.append(self._direct(conn, "SELECT", options["db"]))
                 for step in handshake:
                     await step
         except BaseException as exc:
@@ -285,13 +283,6 @@ class AutoPipeline:
             conn.lost = StateError(f"the Redis connection to {redact(self.url)} is closed")
             conn.abort()
         self._fail_queued(StateError(f"the Redis connection to {redact(self.url)} is closed"))
-
-
-def _database(url: str) -> int:
-    parts = urlsplit(url)
-    query = parse_qs(parts.query)
-    raw = query["db"][-1] if "db" in query else parts.path.strip("/")
-    return int(raw) if raw else 0
 
 
 _shared: dict[

@@ -9,9 +9,11 @@ from collections.abc import Callable
 from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from ...exceptions import AdapterError, AdapterUnavailable
+import redis.exceptions as redis_errors
 
-CRLF = b"\r\n"
+from ...exceptions import AdapterUnavailable
+from ._wire import Arg, Incomplete, pack, parse
+
 _MESSAGE = b"*3\r\n$7\r\nmessage\r\n"
 _PUSHES = frozenset({b"message", b"subscribe", b"unsubscribe", b"pong"})
 
@@ -19,52 +21,9 @@ _PUSHES = frozenset({b"message", b"subscribe", b"unsubscribe", b"pong"})
 #: ("subscribe", channel, count), ("unsubscribe", channel, count) or ("pong", data).
 PushHandler = Callable[[list[Any]], None]
 
-
-class ReplyError(Exception):
-    """Redis answered a command with an error reply."""
-
-
-class _Incomplete(Exception):
-    pass
-
-
-def pack(*args: str | bytes | int) -> bytes:
-    """One command in RESP2: an array of bulk strings."""
-    out = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        raw = arg if isinstance(arg, bytes) else str(arg).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(raw), raw))
-    return b"".join(out)
-
-
-def _parse(buf: bytearray, pos: int) -> tuple[Any, int]:
-    end = buf.find(CRLF, pos)
-    if end < 0:
-        raise _Incomplete
-    kind = buf[pos]
-    if kind == 36:  # $ bulk string
-        size = int(buf[pos + 1 : end])
-        if size < 0:
-            return None, end + 2
-        start, stop = end + 2, end + 2 + size
-        if len(buf) < stop + 2:
-            raise _Incomplete
-        return bytes(buf[start:stop]), stop + 2
-    if kind == 42:  # * array
-        count = int(buf[pos + 1 : end])
-        pos = end + 2
-        items = []
-        for _ in range(max(count, 0)):
-            item, pos = _parse(buf, pos)
-            items.append(item)
-        return (items if count >= 0 else None), pos
-    if kind == 58:  # : integer
-        return int(buf[pos + 1 : end]), end + 2
-    if kind == 43:  # + simple string
-        return bytes(buf[pos + 1 : end]), end + 2
-    if kind == 45:  # - error
-        return ReplyError(buf[pos + 1 : end].decode(errors="replace")), end + 2
-    raise AdapterError(f"Redis sent an unexpected reply type {chr(kind)!r}")
+#: What a command's error reply raises: `_wire.reply_error` picks the redis-py class
+#: (`AuthenticationError` for a bad password, `ResponseError` otherwise).
+ReplyError = redis_errors.RedisError
 
 
 class SubscriberProtocol(asyncio.Protocol):
@@ -77,7 +36,7 @@ class SubscriberProtocol(asyncio.Protocol):
         self.closed: asyncio.Future[None] = self.loop.create_future()
         #: Loop time of the last byte received (the health check reads it).
         self.last_seen = self.loop.time()
-        self._buffer = bytearray()
+        self._buffer = b""
         self._replies: deque[asyncio.Future[Any]] = deque()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -93,28 +52,28 @@ class SubscriberProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_seen = self.loop.time()
-        buf = self._buffer
-        buf += data
+        buf = self._buffer + data if self._buffer else data
         pos = 0
         size = len(buf)
         try:
             while pos < size:
                 if buf.startswith(_MESSAGE, pos):
                     # The hot path: a published message, parsed without recursion.
-                    channel, at = _parse(buf, pos + len(_MESSAGE))
-                    payload, pos = _parse(buf, at)
+                    channel, at = parse(buf, pos + len(_MESSAGE))
+                    payload, pos = parse(buf, at)
                     self.on_push([b"message", channel, payload])
                     continue
-                reply, pos = _parse(buf, pos)
+                reply, pos = parse(buf, pos)
                 self._route(reply)
-        except _Incomplete:
+        except Incomplete:
             pass
-        except (AdapterError, ValueError) as exc:
+        except (ValueError, redis_errors.InvalidResponse) as exc:
             # A corrupt stream cannot be resynchronised; drop it and reconnect.
             if self.transport is not None:
                 self.transport.abort()
             self.connection_lost(exc)
-        del buf[:pos]
+            return
+        self._buffer = buf[pos:] if pos < size else b""
 
     def _route(self, reply: Any) -> None:
         # Our commands (AUTH, CLIENT) never answer with an array, so any array is a push.
@@ -125,17 +84,17 @@ class SubscriberProtocol(asyncio.Protocol):
             waiter = self._replies.popleft()
             if waiter.done():
                 return
-            if isinstance(reply, ReplyError):
+            if isinstance(reply, Exception):
                 waiter.set_exception(reply)
             else:
                 waiter.set_result(reply)
 
-    def send(self, *args: str | bytes | int) -> None:
+    def send(self, *args: Arg) -> None:
         if self.transport is None or self.transport.is_closing():
             raise AdapterUnavailable("the Redis subscriber connection is closed")
-        self.transport.write(pack(*args))
+        self.transport.write(pack(args))
 
-    async def command(self, *args: str | bytes | int) -> Any:
+    async def command(self, *args: Arg) -> Any:
         """Send a command that gets a reply (only before the first SUBSCRIBE)."""
         waiter: asyncio.Future[Any] = self.loop.create_future()
         self._replies.append(waiter)
@@ -144,14 +103,16 @@ class SubscriberProtocol(asyncio.Protocol):
 
 
 def connection_options(url: str) -> dict[str, Any]:
-    """Host, port, credentials and TLS context of a `redis://` or `rediss://` URL."""
+    """Host, port, credentials, database number and TLS context of a `redis://` or `rediss://` URL."""
     parts = urlsplit(url)
     query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
+    db = query.get("db", parts.path.strip("/"))
     options: dict[str, Any] = {
         "host": parts.hostname or "127.0.0.1",
         "port": parts.port or 6379,
         "username": unquote(parts.username) if parts.username else None,
         "password": unquote(parts.password) if parts.password else None,
+        "db": int(db) if db else 0,
         "ssl": None,
     }
     if parts.scheme == "rediss":

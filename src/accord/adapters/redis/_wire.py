@@ -1,4 +1,4 @@
-"""RESP2 for the auto-pipelining connection: packing commands, parsing replies into redis-py types."""
+"""RESP2 for our own Redis connections: packing commands, parsing replies into redis-py types."""
 
 from __future__ import annotations
 

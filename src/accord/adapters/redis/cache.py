@@ -262,7 +262,7 @@ class RedisStore:
 
     async def reset(self) -> None:
         pipe = self._pipeline()
-        names = await self._scan(self._glob_namespace() + "*", "reset")
+        names = await self._scan(server_match(self.namespace, "*"), "reset")
         for start in range(0, len(names), SCAN_COUNT):
             batch = names[start : start + SCAN_COUNT]
             await self._run("reset", None, None, pipe.send("UNLINK", *batch))
@@ -343,9 +343,6 @@ class RedisStore:
                 if isinstance(exc, TimeoutError):
                     raise redis_errors.TimeoutError(f"no reply within {self.op_timeout} s") from exc
                 raise exc
-
-    def _glob_namespace(self) -> str:
-        return server_match(self.namespace, "")
 
     async def _scan(self, match: str, op: str) -> list[str]:
         pipe = self._pipeline()
