@@ -160,7 +160,8 @@ class Outbox:
         """Create the table if needed, send what was committed before, start sweeping."""
         if self._state is not _State.NEW:
             return
-        await self._create_table()
+        await store.create_table(self.app.db.engine)
+        self._schema_ready = True
         self._state = _State.CONNECTED
         self._tasks = [
             asyncio.create_task(self._sweep_loop(), name="accord-outbox-sweep"),
@@ -196,10 +197,6 @@ class Outbox:
         for result in await asyncio.gather(*tasks, return_exceptions=True):
             if isinstance(result, Exception):
                 self.log.error("outbox task failed: %r", result)
-
-    async def _create_table(self) -> None:
-        await store.create_table(self.app.db.engine)
-        self._schema_ready = True
 
     # Sending.
 

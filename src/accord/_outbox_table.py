@@ -91,9 +91,18 @@ async def insert_row(
     until: float,
 ) -> None:
     """Write one unsent row, claimed by `owner` until `until`."""
-    values = {"id": row_id, "app": app, "kind": kind, "record": record, "created_at": time.time()}
-    values.update(claimed_by=owner, claimed_until=until, sent_at=None)
-    await connection.execute(insert(outbox_table).values(**values))
+    await connection.execute(
+        insert(outbox_table).values(
+            id=row_id,
+            app=app,
+            kind=kind,
+            record=record,
+            created_at=time.time(),
+            claimed_by=owner,
+            claimed_until=until,
+            sent_at=None,
+        )
+    )
 
 
 async def claim_expired(

@@ -54,7 +54,7 @@ class PubSubListener(Protocol):
         """The instance this listener belongs to; names per-instance server objects."""
 
     def deliver(self, channel: str, data: bytes) -> None:
-        """A message arrived on `channel` (the full, namespaced name); must not block."""
+        """A message arrived on `channel` (the full, namespaced name); must neither block nor raise."""
 
     async def connection_changed(self, connected: bool) -> None:
         """The receiving link was lost (`False`) or restored and resubscribed (`True`)."""
@@ -113,8 +113,13 @@ class Envelope:
         return cls(sender, uuid.uuid4().hex, time.time(), message)
 
     def encode(self, *, what: str = "message") -> bytes:
-        wire = {"v": WIRE_VERSION, "s": self.sender, "i": self.id, "t": self.timestamp}
-        wire["m"] = self.message
+        wire = {
+            "v": WIRE_VERSION,
+            "s": self.sender,
+            "i": self.id,
+            "t": self.timestamp,
+            "m": self.message,
+        }
         return _codec.encode(wire, what=what)
 
     @classmethod
@@ -159,7 +164,7 @@ class PubSubManager:
         self.log = type(app.log)(logger, app.log.extra)
         self._adapter = adapter
         self._state = _State.NEW
-        self._connecting: asyncio.Lock | None = None
+        self._connecting = asyncio.Lock()
         self._subscriptions: dict[str, dict[MessageHandler, Subscription]] = {}
         # Full server-side channel name -> the channel name subscribers used.
         self._wire_names: dict[str, str] = {}
@@ -193,8 +198,6 @@ class PubSubManager:
         """Connect the adapter and apply the subscriptions made so far; idempotent."""
         if self._state is _State.CLOSED:
             raise StateError("the pub/sub manager is closed; create a new Application")
-        if self._connecting is None:
-            self._connecting = asyncio.Lock()
         async with self._connecting:
             if self._state is not _State.NEW:
                 return
@@ -332,7 +335,7 @@ class PubSubManager:
             self._dispatch(channel, Envelope.decode(data))
 
     def deliver(self, channel: str, data: bytes) -> None:
-        """Adapter callback: a message arrived on the full channel name `channel`."""
+        """Adapter callback: a message arrived on the full channel name `channel`; never raises."""
         local = self._wire_names.get(channel)
         if local is None:
             return
@@ -342,8 +345,13 @@ class PubSubManager:
             self.log.warning("dropped a message on %r that is not an accord envelope", local)
             return
         # The publisher delivers to itself locally when asked, never via the bus.
-        if envelope.sender != self.app.instance_id:
+        if envelope.sender == self.app.instance_id:
+            return
+        try:
             self._dispatch(local, envelope)
+        except Exception:
+            # Adapters call this from their reading loop, which must carry on.
+            self.log.exception("delivering a message on %r failed", local)
 
     def _dispatch(self, channel: str, envelope: Envelope) -> None:
         handlers = self._subscriptions.get(channel)

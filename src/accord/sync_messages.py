@@ -220,8 +220,12 @@ class SyncMessageManager:
             raise AdapterUnavailable("the pub/sub link is down; the message waits in the outbox")
         origin = record.get("origin")
         skip_self = bool(record.get("skip_self", True))
-        payload = {"id": row_id, "origin": origin, "skip_self": skip_self}
-        payload["message"] = record.get("message")
+        payload = {
+            "id": row_id,
+            "origin": origin,
+            "skip_self": skip_self,
+            "message": record.get("message"),
+        }
         try:
             # Another instance's row must reach this instance too: pub/sub's
             # skip_self knows only who publishes, the payload knows who wrote it.

@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from counting_plugin import Counting, counting
 
-from accord import Application, Plugin, Settings
+from accord import Application
 from accord.testing import cluster, cut_off, reconnect, wait_until
-from conftest import unique
+from conftest import pubsub_settings, unique
 
 MESSAGES = 1000
 #: Kill the receiver's subscriber connection when it has handled this many messages.
@@ -26,40 +26,12 @@ WAIT = 60.0
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 
-class Counting(Plugin):
-    name = "counting"
-
-    async def load(self) -> None:
-        self.counts: Counter[int] = Counter()
-        self.resyncs = 0
-
-    async def handle_sync_message(self, message: Any) -> None:
-        self.counts[message["n"]] += 1
-
-    async def on_resync(self) -> None:
-        self.resyncs += 1
-
-
-def counting(app: Application) -> Counting:
-    plugin = app.plugins["counting"]
-    assert isinstance(plugin, Counting)
-    return plugin
-
-
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("transactional", [False, True], ids=["no-tx", "tx"])
 async def test_killing_the_subscriber_connection_loses_no_sync_message(
     redis_url: str, db_url: str, tmp_path: Path, transactional: bool
 ) -> None:
-    name = unique("disc")
-    settings = Settings(
-        app_name=name,
-        storage=str(tmp_path),
-        db_url=db_url,
-        pubsub_url=redis_url,
-        queue_url=f"memory://{name}",
-        lock_url=f"memory://{name}",
-    )
+    settings = pubsub_settings(redis_url, tmp_path, unique("disc")).replace(db_url=db_url)
     async with cluster(2, plugins=[Counting], settings=settings) as (sender, receiver):
         events: list[str] = []
         receiver.on("pubsub:lost", lambda: events.append("lost"))

@@ -3,35 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from counting_plugin import Counting, counting
 
-from accord import Plugin, Settings
 from accord.testing import cluster, wait_until
-from conftest import unique
+from conftest import pubsub_settings, unique
 from servers import RedisServer
 
 WAIT = 30.0
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
-
-
-class Tally(Plugin):
-    name = "tally"
-
-    async def load(self) -> None:
-        self.counts: Counter[int] = Counter()
-        self.resyncs = 0
-
-    async def handle_sync_message(self, message: Any) -> None:
-        self.counts[message["n"]] += 1
-
-    async def on_resync(self) -> None:
-        self.resyncs += 1
 
 
 @pytest.fixture
@@ -44,19 +29,12 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
 async def test_messages_committed_while_redis_is_down_arrive_once_after_it_returns(
     own_redis: RedisServer, tmp_path: Path
 ) -> None:
-    name = unique("down")
-    settings = Settings(
-        app_name=name,
-        storage=str(tmp_path),
-        pubsub_url=own_redis.url(),
-        queue_url=f"memory://{name}",
-        lock_url=f"memory://{name}",
-    )
-    async with cluster(2, plugins=[Tally], settings=settings) as (a, b):
+    settings = pubsub_settings(own_redis.url(), tmp_path, unique("down"))
+    async with cluster(2, plugins=[Counting], settings=settings) as (a, b):
         for app in (a, b):
             app.sync_message_manager.outbox.sweep_interval = 0.25
-        received = b.plugins["tally"].counts  # type: ignore[attr-defined]
-        await a.plugins["tally"].send_sync_message({"n": 0})
+        received = counting(b).counts
+        await counting(a).send_sync_message({"n": 0})
         await wait_until(lambda: received[0] == 1, WAIT)
 
         own_redis.kill()
@@ -65,10 +43,10 @@ async def test_messages_committed_while_redis_is_down_arrive_once_after_it_retur
         for n in range(1, 21):
             # Neither form raises: the message is kept in the outbox.
             if n % 2:
-                await a.plugins["tally"].send_sync_message({"n": n})
+                await counting(a).send_sync_message({"n": n})
             else:
                 async with a.db.transaction() as tx:
-                    await a.plugins["tally"].send_sync_message({"n": n}, transaction=tx)
+                    await counting(a).send_sync_message({"n": n}, transaction=tx)
         assert await a.sync_message_manager.outbox.pending() >= 20  # (+1 if 0 is not marked yet)
 
         # In a thread: the apps keep running (and retrying) while it starts.
@@ -79,7 +57,7 @@ async def test_messages_committed_while_redis_is_down_arrive_once_after_it_retur
         await wait_until(lambda: _drained(a), WAIT)
         await asyncio.sleep(0)
         assert max(received.values()) == 1
-        assert b.plugins["tally"].resyncs == 0  # type: ignore[attr-defined]
+        assert counting(b).resyncs == 0
 
 
 async def _drained(app: Any) -> bool:

@@ -22,6 +22,16 @@ class _Bus:
         self.members: set[MemoryPubSubAdapter] = set()
         self.channels: dict[str, set[MemoryPubSubAdapter]] = {}
 
+    def join(self, channel: str, adapter: MemoryPubSubAdapter) -> None:
+        self.channels.setdefault(channel, set()).add(adapter)
+
+    def leave(self, channel: str, adapter: MemoryPubSubAdapter) -> None:
+        listeners = self.channels.get(channel)
+        if listeners is not None:
+            listeners.discard(adapter)
+            if not listeners:
+                del self.channels[channel]
+
 
 # Bus name -> bus. A bus lives while an adapter is connected to it, so two
 # test clusters run one after the other never share stale subscribers.
@@ -67,7 +77,7 @@ class MemoryPubSubAdapter:
             bus = _buses[self.name] = _Bus(self.name)
         bus.members.add(self)
         for channel in self._channels:
-            bus.channels.setdefault(channel, set()).add(self)
+            bus.join(channel, self)
         self._bus = bus
 
     def _detach(self) -> None:
@@ -76,11 +86,7 @@ class MemoryPubSubAdapter:
             return
         bus.members.discard(self)
         for channel in self._channels:
-            listeners = bus.channels.get(channel)
-            if listeners is not None:
-                listeners.discard(self)
-                if not listeners:
-                    del bus.channels[channel]
+            bus.leave(channel, self)
         if not bus.members and _buses.get(bus.name) is bus:
             del _buses[bus.name]
 
@@ -97,27 +103,21 @@ class MemoryPubSubAdapter:
     async def subscribe(self, channel: str) -> None:
         self._channels.add(channel)
         if self._bus is not None:
-            self._bus.channels.setdefault(channel, set()).add(self)
+            self._bus.join(channel, self)
 
     async def unsubscribe(self, channel: str) -> None:
         self._channels.discard(channel)
         if self._bus is not None:
-            listeners = self._bus.channels.get(channel)
-            if listeners is not None:
-                listeners.discard(self)
-                if not listeners:
-                    del self._bus.channels[channel]
+            self._bus.leave(channel, self)
 
     async def publish(self, channel: str, data: bytes) -> None:
         if self._closed:
             raise StateError("this memory pub/sub adapter is closed")
         # A severed adapter still publishes: only its receiving side is cut.
         bus = _buses.get(self.name)
-        if bus is None:
-            await asyncio.sleep(0)
-            return
-        for adapter in tuple(bus.channels.get(channel, ())):
-            adapter._receive(channel, data)
+        if bus is not None:
+            for adapter in tuple(bus.channels.get(channel, ())):
+                adapter._receive(channel, data)
         # Yield as a network publish would, so a tight publishing loop lets the
         # handlers it feeds run instead of queueing everything first.
         await asyncio.sleep(0)

@@ -78,7 +78,7 @@ class PostgresPubSubAdapter:
         self._listener: PubSubListener | None = None
         self._channels: set[str] = set()
         self._listen: asyncpg.Connection | None = None
-        self._lost: asyncio.Event = asyncio.Event()
+        self._lost = asyncio.Event()
         # The LISTEN connection also runs the health check and large-payload reads,
         # and asyncpg runs one query at a time per connection.
         self._listen_lock = asyncio.Lock()
@@ -249,12 +249,8 @@ class PostgresPubSubAdapter:
         return str(payload)
 
     def _deliver(self, channel: str, body: str) -> None:
-        if self._listener is None:
-            return
-        try:
+        if self._listener is not None:
             self._listener.deliver(channel, body.encode())
-        except Exception:
-            logger.exception("delivering a message on %r failed", channel)
 
     # Subscriptions: one LISTEN carries every channel, so these only filter.
 

@@ -172,10 +172,7 @@ class RabbitMQPubSubAdapter:
             logger.warning("dropped a malformed message on exchange %s", self.exchange_name)
             return
         if channel in self._channels and self._listener is not None:
-            try:
-                self._listener.deliver(channel, data)
-            except Exception:
-                logger.exception("delivering a message on %r failed", channel)
+            self._listener.deliver(channel, data)
 
     # Subscriptions: the queue receives every channel of the app, so these only filter.
 
