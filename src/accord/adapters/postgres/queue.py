@@ -115,19 +115,19 @@ class PostgresQueueAdapter:
 
     async def close(self) -> None:
         await self._wakeups.stop()
-        pools = {self._pool, self._fast} - {None, self._given}
-        self._pool = self._fast = None
-        for pool in pools:
-            if pool is not None:
-                await pool.close()
+        for pool in self._detach_pools():
+            await pool.close()
 
     async def abort(self) -> None:
+        for pool in self._detach_pools():
+            pool.terminate()
+        await self._wakeups.stop()
+
+    def _detach_pools(self) -> list[asyncpg.Pool]:
+        """Forget both pools; returns those this adapter opened (a given pool is not closed)."""
         pools = {self._pool, self._fast} - {None, self._given}
         self._pool = self._fast = None
-        for pool in pools:
-            if pool is not None:
-                pool.terminate()
-        await self._wakeups.stop()
+        return [pool for pool in pools if pool is not None]
 
     def _ready(self) -> tuple[asyncpg.Pool, asyncpg.Pool, Queries]:
         if self._pool is None or self._fast is None or self._queries is None:
@@ -262,32 +262,14 @@ class PostgresQueueAdapter:
         _, fast, queries = self._ready()
         with map_errors(self.url):
             rows = await fast.fetch(
-                queries.put_back,
-                job.channel,
-                job.id,
-                job.lease,
-                job.attempt,
-                job.failures,
-                job.recoveries,
-                job.error,
-                delay,
-                self.notify_channel,
+                queries.put_back, *_settle_args(job), delay, self.notify_channel
             )
         return bool(rows)
 
     async def bury(self, job: Job) -> bool:
         _, fast, queries = self._ready()
         with map_errors(self.url):
-            rows = await fast.fetch(
-                queries.bury,
-                job.channel,
-                job.id,
-                job.lease,
-                job.attempt,
-                job.failures,
-                job.recoveries,
-                job.error,
-            )
+            rows = await fast.fetch(queries.bury, *_settle_args(job))
         return bool(rows)
 
     async def recover(self, channel: str, lease: float) -> int:
@@ -354,6 +336,19 @@ class PostgresQueueAdapter:
         return QueueStats(
             queued=row["queued"], delayed=row["delayed"], running=row["running"], dead=row["dead"]
         )
+
+
+def _settle_args(job: Job) -> tuple[Any, ...]:
+    """The leased row's key and lease, then the counters the manager set ($1 to $7)."""
+    return (
+        job.channel,
+        job.id,
+        job.lease,
+        job.attempt,
+        job.failures,
+        job.recoveries,
+        job.error,
+    )
 
 
 def _job(channel: str, row: Any, *, lease: str = "", failed_at: float | None = None) -> Job:

@@ -319,11 +319,10 @@ class RabbitMQQueueAdapter:
         names = await links.declare(channel)
         # The delay queues of a channel are made together, at its first delayed job.
         levels = [names.level(k) for k in range(topo.LEVELS)]
-        if not links.has_delays(names):
-            levels = levels[:1]
-        queued, dead, *delays = await links.count([names.work, names.dead, *levels], missing=-1)
+        counted = levels if links.has_delays(names) else levels[:1]
+        queued, dead, *delays = await links.count([names.work, names.dead, *counted], missing=-1)
         if len(delays) == 1 and delays[0] >= 0:
-            delays = await links.count([names.level(k) for k in range(topo.LEVELS)])
+            delays = await links.count(levels)
         state = self._consumers.get(channel)
         held = sum(1 for d in self._deliveries.values() if d.consumer.names.channel == channel)
         return QueueStats(

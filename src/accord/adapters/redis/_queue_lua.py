@@ -20,9 +20,13 @@ local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-local function later(delayed, delayed_jobs, delay, id, record)
-  redis.call('ZADD', delayed, now_ms() + delay, id)
-  redis.call('HSET', delayed_jobs, id, record)
+local function put(stream, delayed, delayed_jobs, delay, id, record)
+  if delay > 0 then
+    redis.call('ZADD', delayed, now_ms() + delay, id)
+    redis.call('HSET', delayed_jobs, id, record)
+  else
+    redis.call('XADD', stream, '*', 'j', record)
+  end
 end
 """
 
@@ -30,12 +34,7 @@ end
 # ARGV: id, record, delay_ms
 ENQUEUE = """
 if redis.call('HSETNX', KEYS[4], ARGV[1], '1') == 0 then return 0 end
-local delay = tonumber(ARGV[3])
-if delay > 0 then
-  later(KEYS[2], KEYS[3], delay, ARGV[1], ARGV[2])
-else
-  redis.call('XADD', KEYS[1], '*', 'j', ARGV[2])
-end
+put(KEYS[1], KEYS[2], KEYS[3], tonumber(ARGV[3]), ARGV[1], ARGV[2])
 return 1
 """
 
@@ -101,12 +100,7 @@ return out
 RETRY = """
 if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
 redis.call('XDEL', KEYS[1], ARGV[2])
-local delay = tonumber(ARGV[5])
-if delay > 0 then
-  later(KEYS[2], KEYS[3], delay, ARGV[3], ARGV[4])
-else
-  redis.call('XADD', KEYS[1], '*', 'j', ARGV[4])
-end
+put(KEYS[1], KEYS[2], KEYS[3], tonumber(ARGV[5]), ARGV[3], ARGV[4])
 return 1
 """
 
