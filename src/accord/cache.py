@@ -36,6 +36,8 @@ class CacheStore(Protocol):
     a store moves bytes. A store may also offer `peek(key)` (a synchronous
     lookup returning the decoded value or `MISSING`) with `authoritative =
     True` when a miss there is final; the Cache then skips the async call.
+    Such a store may also offer `reader()`, returning an async `get(key,
+    default)` with `Cache.get`'s contract, which the Cache binds as its `get`.
     """
 
     async def connect(self) -> None: ...

@@ -29,6 +29,7 @@ from conftest import unique
 STORE_PARAMS = [
     pytest.param("memory", id="memory"),
     pytest.param("redis", id="redis", marks=pytest.mark.redis),
+    pytest.param("near", id="near", marks=pytest.mark.redis),  # Redis with an in-process L1
 ]
 
 
@@ -37,7 +38,7 @@ def cache_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
     """One isolated app whose default cache store is the store under test."""
     name = unique("cache")
     extra = {}
-    if request.param == "redis":
+    if request.param in ("redis", "near"):
         extra["cache_url"] = request.getfixturevalue("redis_url")
     return Settings(
         app_name=name,
@@ -45,7 +46,7 @@ def cache_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
         pubsub_url=f"memory://{name}",
         queue_url=f"memory://{name}",
         lock_url=f"memory://{name}",
-        cache_store=request.param,
+        cache_store="redis" if request.param == "near" else request.param,
         **extra,
     )
 
@@ -58,8 +59,9 @@ async def app(cache_settings: Settings) -> AsyncIterator[Application]:
 
 
 @pytest.fixture
-async def cache(app: Application) -> Cache:
-    return await app.cache_manager.create_cache(unique("c"))
+async def cache(app: Application, request: pytest.FixtureRequest) -> Cache:
+    near = request.node.callspec.params.get("cache_settings") == "near"
+    return await app.cache_manager.create_cache(unique("c"), local=near)
 
 
 async def test_set_get_roundtrip_every_json_type(cache: Cache) -> None:
@@ -112,6 +114,13 @@ async def test_the_value_returned_cannot_change_what_is_cached(cache: Cache) -> 
     got_records[29]["tags"].append("b")
     assert await cache.get("deep") == deep
     assert await cache.get("records") == records
+    rows, many_rows = [{"a": 1}, {"b": [2]}], [{"n": i} for i in range(20)]
+    await cache.mset({"rows": rows, "many_rows": many_rows})
+    got_rows, got_many_rows = await cache.get("rows"), await cache.get("many_rows")
+    got_rows[0]["a"] = 99
+    got_rows[1]["b"].append(3)
+    got_many_rows[19]["n"] = -1
+    assert await cache.mget(["rows", "many_rows"]) == [rows, many_rows]
     original = {"k": [1]}
     await cache.set("copy", original)
     original["k"].append(2)
@@ -314,6 +323,9 @@ async def test_an_unencodable_value_names_the_key_and_the_type(cache: Cache) -> 
 async def test_a_key_must_be_a_string(cache: Cache) -> None:
     with pytest.raises(TypeError, match="strings"):
         await cache.set(1, "v")  # type: ignore[arg-type]
+    for key in (1, b"k", ["k"]):
+        with pytest.raises(TypeError, match="strings"):
+            await cache.get(key)  # type: ignore[arg-type]
 
 
 async def test_planted_pickle_reads_as_a_miss_and_runs_nothing(
@@ -353,7 +365,7 @@ async def _plant(cache: Cache, key: str, data: bytes) -> bool:
     Redis takes them. Nothing outside the process can write to a memory store,
     and the store itself refuses bytes that are not JSON: False then.
     """
-    store: Any = cache.store
+    store: Any = getattr(cache.store, "remote", cache.store)  # a near cache: its Redis
     if hasattr(store, "url"):
         import redis.asyncio as aioredis
 

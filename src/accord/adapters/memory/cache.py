@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ..._cache_base import MISSING, Missing
+from ..._cache_base import MISSING, Missing, check_key
 from ..._cache_glob import compile_glob
 from ...exceptions import CacheError, ConfigError
 
@@ -21,17 +21,20 @@ __all__ = ["MemoryStore"]
 DEFAULT_MAX = 2000
 INT64 = 2**63
 
-# How `peek` hands out a value so the caller can never mutate what is stored.
-# An entry's plan is one of:
-#   None       a scalar (str, int, float, bool, None): immutable already, returned as is;
-#   a tuple    a container: copied, and each (key, subplan) child container copied too;
-#   _DECODE    a container with many nested containers: decoding the bytes is faster.
-_DECODE = False
+# How a read hands out a value the caller can never use to mutate what is
+# stored: each entry keeps, beside the value, a `copy` function and the
+# `children` whose containers get copied too (see `_copy_plan`). Scalars
+# need neither; most records are a dict or list with flat containers in it,
+# copied by `dict.copy`/`list.copy` and a loop over `children` in the reader
+# itself; deeper values get a recursive copier built once for their shape;
+# values with many containers keep their JSON bytes and `orjson.loads`.
 #: Past this many nested containers, orjson (C) rebuilds a value faster than a Python copy.
 COPY_BUDGET = 16
 
-_SCALARS = (str, int, float, bool, type(None))
-Plan = tuple[tuple[Any, "Plan"], ...]
+_CONTAINERS = (dict, list)
+Copier = Callable[[Any], Any]
+# (data, value, copy or None, expires_at or None, children)
+Entry = tuple[bytes, Any, Copier | None, float | None, tuple[Any, ...]]
 
 
 class MemoryStore:
@@ -56,8 +59,7 @@ class MemoryStore:
         if not isinstance(max, int) or isinstance(max, bool) or max < 1:
             raise ConfigError(f"memory cache store: max={max!r} must be a positive integer")
         self.max = max
-        # key -> (data, value, plan, expires_at or None); see _DECODE for the plans
-        self._entries: OrderedDict[str, tuple[bytes, Any, Any, float | None]] = OrderedDict()
+        self._entries: OrderedDict[str, Entry] = OrderedDict()
 
     def __repr__(self) -> str:
         return f"<MemoryStore {len(self._entries)}/{self.max}>"
@@ -76,23 +78,65 @@ class MemoryStore:
 
     # The synchronous core; the async protocol methods below wrap it.
 
+    def reader(self) -> Callable[[str, Any], Awaitable[Any]]:
+        """An async `get(key, default)` over this store, for the Cache to bind as its own `get`.
+
+        It reads the table directly, so a hit costs one coroutine call where
+        `Cache.get` calling `peek` costs three frames. `peek` below is the same
+        lookup for synchronous callers (`mget`, `wrap`, the near cache's L1).
+        """
+        entries = self._entries
+        find, touch = entries.get, entries.move_to_end
+
+        async def get(key: str, default: Any = None) -> Any:
+            try:
+                entry = find(key)
+            except TypeError:  # unhashable: check_key says what is wrong
+                entry = None
+            if entry is None:
+                check_key(key)
+                return default
+            _, value, copy, expires, children = entry
+            if expires is not None and expires <= monotonic():
+                del entries[key]
+                return default
+            touch(key)
+            if copy is None:
+                return value
+            fresh = copy(value)
+            for child in children:
+                fresh[child] = fresh[child].copy()
+            return fresh
+
+        return get
+
     def peek(self, key: str) -> Any:
         """The decoded value of `key`, or `MISSING`; a fresh object each time."""
-        entry = self._live(key)
+        entries = self._entries
+        try:
+            entry = entries.get(key)
+        except TypeError:  # unhashable: check_key says what is wrong
+            entry = None
         if entry is None:
+            check_key(key)
             return MISSING
-        data, value, plan, _ = entry
-        if plan is None:
+        _, value, copy, expires, children = entry
+        if expires is not None and expires <= monotonic():
+            del entries[key]
+            return MISSING
+        entries.move_to_end(key)
+        if copy is None:
             return value
-        if plan is _DECODE:
-            return orjson.loads(data)
-        return _copy(value, plan)
+        fresh = copy(value)
+        for child in children:
+            fresh[child] = fresh[child].copy()
+        return fresh
 
     def peek_data(self, key: str) -> bytes | None:
         entry = self._live(key)
         return None if entry is None else entry[0]
 
-    def _live(self, key: str) -> tuple[bytes, Any, Any, float | None] | None:
+    def _live(self, key: str) -> Entry | None:
         """The entry of `key` unless it has expired (then it is dropped); marks it recently used."""
         entry = self._entries.get(key)
         if entry is None:
@@ -105,15 +149,10 @@ class MemoryStore:
 
     def put(self, key: str, data: bytes, ttl: float | None) -> None:
         """Store `data` (valid JSON bytes) under `key` for `ttl` seconds (None: no expiry)."""
-        value = orjson.loads(data)
-        plan: Any = None
-        if not isinstance(value, _SCALARS):
-            plan = _plan(value, [COPY_BUDGET])
-            if plan is None:
-                plan, value = _DECODE, None
+        value, copy, children = _copy_plan(orjson.loads(data), data)
         expires = None if ttl is None else monotonic() + ttl
         entries = self._entries
-        entries[key] = (data, value, plan, expires)
+        entries[key] = (data, value, copy, expires, children)
         entries.move_to_end(key)
         while len(entries) > self.max:
             entries.popitem(last=False)
@@ -201,21 +240,59 @@ class MemoryStore:
         self.put(key, new, ttl)
 
 
-def _plan(value: dict[str, Any] | list[Any], budget: list[int]) -> Plan | None:
-    """Which children of `value` are containers, recursively; None past the budget."""
-    plan = []
-    for key, item in value.items() if isinstance(value, dict) else enumerate(value):
-        if isinstance(item, dict | list):
+def _copy_plan(value: Any, data: bytes) -> tuple[Any, Copier | None, tuple[Any, ...]]:
+    """What an entry keeps of `value` (JSON `data`) so each read makes a fresh object cheaply.
+
+    Returns (kept, copy, children): a read hands out `kept` itself when `copy`
+    is None, else `copy(kept)` with each of `children` (keys or indexes)
+    replaced by a shallow copy of the container there.
+    """
+    if not isinstance(value, _CONTAINERS):
+        return value, None, ()  # a scalar: immutable
+    inner = []
+    flat = True
+    for key, item in _items(value):
+        if isinstance(item, _CONTAINERS):
+            inner.append(key)
+            flat = flat and _is_flat(item)
+    if flat and len(inner) <= COPY_BUDGET:
+        return value, type(value).copy, tuple(inner)
+    copy = _copier(value, [COPY_BUDGET])
+    if copy is None:
+        return data, orjson.loads, ()
+    return value, copy, ()
+
+
+def _is_flat(value: dict[str, Any] | list[Any]) -> bool:
+    for item in value.values() if isinstance(value, dict) else value:
+        if isinstance(item, _CONTAINERS):
+            return False
+    return True
+
+
+def _items(value: dict[str, Any] | list[Any]) -> Iterable[tuple[Any, Any]]:
+    return value.items() if isinstance(value, dict) else enumerate(value)
+
+
+def _copier(value: dict[str, Any] | list[Any], budget: list[int]) -> Copier | None:
+    """A function copying `value` and every container in it; None past the budget."""
+    children = []
+    for key, item in _items(value):
+        if isinstance(item, _CONTAINERS):
             budget[0] -= 1
-            sub = _plan(item, budget) if budget[0] >= 0 else None
-            if sub is None:
+            copy = _copier(item, budget) if budget[0] >= 0 else None
+            if copy is None:
                 return None
-            plan.append((key, sub))
-    return tuple(plan)
+            children.append((key, copy))
+    shallow: Copier = type(value).copy
+    if not children:
+        return shallow
+    pairs = tuple(children)
 
+    def copy_all(value: Any) -> Any:
+        out = shallow(value)
+        for key, copy in pairs:
+            out[key] = copy(out[key])
+        return out
 
-def _copy(value: Any, plan: Plan) -> Any:
-    out = value.copy()
-    for child, sub in plan:
-        out[child] = _copy(out[child], sub) if sub else out[child].copy()
-    return out
+    return copy_all
