@@ -30,6 +30,7 @@ EXPECTED = {
     "Lock",
     "LockAcquireError",
     "LockError",
+    "LockHolder",
     "LockLostError",
     "LockManager",
     "MissingDependency",

@@ -25,7 +25,7 @@ from .exceptions import (
     SerializationError,
     StateError,
 )
-from .locks import Lock, LockManager
+from .locks import Lock, LockHolder, LockManager
 from .plugin import Plugin
 from .pubsub import Envelope, PubSubManager
 from .sync_messages import SyncMessageManager
@@ -55,6 +55,7 @@ __all__ = [
     "Lock",
     "LockAcquireError",
     "LockError",
+    "LockHolder",
     "LockLostError",
     "LockManager",
     "MissingDependency",

@@ -18,6 +18,25 @@ def join(*segments: str) -> str:
     return SEPARATOR.join(escape(segment) for segment in segments)
 
 
+def unescape(escaped: str) -> str | None:
+    """The segment that `escape` turns into `escaped`; None if no segment does.
+
+    A raw `:` means `escaped` is several joined segments; a `\\` must be
+    followed by `\\` or `:`.
+    """
+    out: list[str] = []
+    chars = iter(escaped)
+    for char in chars:
+        if char == SEPARATOR:
+            return None
+        if char == "\\":
+            char = next(chars, "")
+            if char not in ("\\", SEPARATOR):
+                return None
+        out.append(char)
+    return "".join(out)
+
+
 def glob_escape(name: str) -> str:
     """Escape glob metacharacters so a name matches itself in a Redis MATCH pattern."""
     out = []
@@ -26,3 +45,8 @@ def glob_escape(name: str) -> str:
             out.append("\\")
         out.append(char)
     return "".join(out)
+
+
+def like_escape(name: str) -> str:
+    """Escape LIKE metacharacters (`%`, `_`, `\\`) so a name matches itself with `ESCAPE '\\'`."""
+    return name.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import itertools
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, TypeVar, runtime_checkable
 
-from ._keys import join
+from ._keys import join, unescape
 from ._lock_handle import Lock, LockState, _Hold, _positive
 from ._registry import load_adapter
 from .exceptions import AdapterError, ConfigError, LockAcquireError, LockLostError, StateError
@@ -16,7 +17,7 @@ from .exceptions import AdapterError, ConfigError, LockAcquireError, LockLostErr
 if TYPE_CHECKING:
     from .app import Application
 
-__all__ = ["ADAPTERS", "Lock", "LockAdapter", "LockManager", "LockState"]
+__all__ = ["ADAPTERS", "Lock", "LockAdapter", "LockHolder", "LockManager", "LockState"]
 
 T = TypeVar("T")
 
@@ -32,6 +33,23 @@ ADAPTERS = {
     "postgresql": "accord.adapters.postgres.lock:PostgresLockAdapter",
     "postgres": "accord.adapters.postgres.lock:PostgresLockAdapter",
 }
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LockHolder:
+    """One lock held somewhere in the cluster, as `LockManager.holders()` lists it.
+
+    Args:
+        key: the lock's key, as passed to `lock()` (without the application's namespace).
+        instance_id: the `Application.instance_id` of the instance that holds it.
+        token: the holder's fencing token.
+        expires_in: seconds left on the lease when it was read (> 0).
+    """
+
+    key: str
+    instance_id: str
+    token: int
+    expires_in: float
 
 
 @runtime_checkable
@@ -65,8 +83,12 @@ class LockAdapter(Protocol):
     async def extend(self, key: str, owner: str, ttl: float) -> bool:
         """Make `owner`'s lease on `key` end `ttl` seconds from now; False if it is not held."""
 
+    async def holders(self, prefix: str) -> list[tuple[str, str, int, float]]:
+        """Every live lease whose key starts with `prefix`: (key, owner, token, seconds left > 0)."""
+
 
 AdapterFactory: TypeAlias = Callable[[str], LockAdapter]
+_ADAPTER_METHODS = ("connect", "close", "abort", "acquire", "release", "extend", "holders")
 
 
 class ManagerState(enum.Enum):
@@ -157,6 +179,11 @@ class LockManager:
     def _make(self, factory: AdapterFactory | LockAdapter) -> LockAdapter:
         if not isinstance(factory, type) and isinstance(factory, LockAdapter):
             return factory
+        if not callable(factory):
+            missing = [
+                name for name in _ADAPTER_METHODS if not callable(getattr(factory, name, None))
+            ]
+            raise ConfigError(f"{factory!r} is not a LockAdapter (missing: {', '.join(missing)})")
         return factory(self.app.settings.resolved_lock_url)
 
     # Lifecycle.
@@ -225,6 +252,31 @@ class LockManager:
     def held(self) -> tuple[Lock, ...]:
         """The locks this instance holds right now."""
         return tuple(self._held)
+
+    async def holders(self) -> list[LockHolder]:
+        """Every lock of this application held right now, by any instance, sorted by key.
+
+        A snapshot: a lease may end, or a new one begin, right after it is read.
+        `held` gives this instance's own `Lock`s without asking the adapter.
+
+        Example:
+            for holder in await app.lock_manager.holders():
+                print(holder.key, holder.instance_id, f"{holder.expires_in:.1f} s")
+        """
+        if self.state is ManagerState.CLOSED:
+            raise StateError(f"the lock manager of {self.app.name!r} is closed")
+        adapter = await self.adapter()
+        prefix = join(self.app.name, "")
+        found = []
+        for name, owner, token, expires_in in await adapter.holders(prefix):
+            key = unescape(name[len(prefix) :]) if name.startswith(prefix) else None
+            if key is None or expires_in <= 0:
+                continue
+            # Owners are "<instance id>/<n>" (see _take); the id may hold a "/" itself.
+            instance_id = owner.rpartition("/")[0]
+            found.append(LockHolder(key, instance_id, int(token), expires_in))
+        found.sort(key=lambda holder: holder.key)
+        return found
 
     # Taking locks.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from accord import (
     Application,
     ConfigError,
     LockAcquireError,
+    LockHolder,
     LockLostError,
     Settings,
     StateError,
@@ -413,6 +415,98 @@ async def test_keys_are_scoped_by_application(lock_url: str, tmp_path: Path) -> 
             assert await lock.release() is True
 
 
+def check_lease(holder: LockHolder, ttl: float) -> LockHolder:
+    """The holder with `expires_in` checked against the lock's ttl and set to 0, to compare."""
+    assert 0 < holder.expires_in <= ttl, holder
+    return LockHolder(holder.key, holder.instance_id, holder.token, 0)
+
+
+async def test_holders_lists_the_locks_of_every_instance(apps: list[Application]) -> None:
+    a, b, c = apps
+    assert await c.lock_manager.holders() == []
+    first = await a.lock_manager.try_acquire("one", ttl=5)
+    second = await b.lock_manager.acquire("two", ttl=3)
+    async with c.lock_manager.lock("three", ttl=4) as third:
+        expected = [
+            LockHolder("one", a.instance_id, first.fencing_token, 0),
+            LockHolder("three", c.instance_id, third.fencing_token, 0),
+            LockHolder("two", b.instance_id, second.fencing_token, 0),
+        ]
+        ttls = {"one": 5, "two": 3, "three": 4}
+        for app in apps:
+            holders = await app.lock_manager.holders()
+            assert [check_lease(h, ttls[h.key]) for h in holders] == expected
+    assert await first.release() is True
+    for app in apps:
+        holders = await app.lock_manager.holders()
+        assert [check_lease(h, 3) for h in holders] == [expected[2]]
+    assert await second.release() is True
+    assert await a.lock_manager.holders() == []
+
+
+async def test_holders_follow_a_hand_over_and_an_expiry(apps: list[Application]) -> None:
+    a, b, _ = apps
+    first = await a.lock_manager.acquire("k", ttl=5)
+    waiter = asyncio.create_task(b.lock_manager.acquire("k", ttl=5, timeout=WAIT))
+    await asyncio.sleep(0.05)
+    assert await first.release() is True
+    second = await asyncio.wait_for(waiter, WAIT)
+    (holder,) = await a.lock_manager.holders()
+    assert check_lease(holder, 5) == LockHolder("k", b.instance_id, second.fencing_token, 0)
+    await second.release()
+    await a.lock_manager.acquire("k", ttl=0.2)  # never released
+    for app in (a, b):
+        await wait_until(partial(_no_holders, app), WAIT, message="an expired lease is listed")
+
+
+async def _no_holders(app: Application) -> bool:
+    return await app.lock_manager.holders() == []
+
+
+async def test_holders_leave_out_other_applications(lock_url: str, tmp_path: Path) -> None:
+    # "x_y" as a LIKE pattern would also match "xay": the prefix must be escaped.
+    base = unique("lk")
+    one_name, other_name = f"{base}_y", f"{base}ay"
+    async with (
+        cluster(2, settings=make_settings(lock_url, tmp_path / "one", one_name)) as one,
+        cluster(1, settings=make_settings(lock_url, tmp_path / "two", other_name)) as (other,),
+    ):
+        mine = await one[1].lock_manager.try_acquire("k")
+        theirs = await other.lock_manager.try_acquire("k")
+        also_theirs = await other.lock_manager.try_acquire("only-theirs")
+        for app in one:
+            holders = await app.lock_manager.holders()
+            assert [(h.key, h.instance_id, h.token) for h in holders] == [
+                ("k", one[1].instance_id, mine.fencing_token)
+            ]
+        holders = await other.lock_manager.holders()
+        assert [(h.key, h.token) for h in holders] == [
+            ("k", theirs.fencing_token),
+            ("only-theirs", also_theirs.fencing_token),
+        ]
+        for lock in (mine, theirs, also_theirs):
+            await lock.release()
+
+
+async def test_holders_give_back_keys_exactly(apps: list[Application]) -> None:
+    a, b, _ = apps
+    keys = ["a:b", "a\\:b", "a\\", "\\", ":", "*", "%", "_", "x*y?[z]", "50%_off:\\*", "é:ü"]
+    locks = {key: await a.lock_manager.try_acquire(key) for key in keys}
+    holders = await b.lock_manager.holders()
+    assert [h.key for h in holders] == sorted(keys)
+    assert {h.key: h.token for h in holders} == {k: lock.fencing_token for k, lock in locks.items()}
+    for lock in locks.values():
+        await lock.release()
+    assert await b.lock_manager.holders() == []
+
+
+async def test_holders_after_stop_raise(apps: list[Application]) -> None:
+    a, _, _ = apps
+    await a.stop()
+    with pytest.raises(StateError, match="closed"):
+        await a.lock_manager.holders()
+
+
 async def test_stopping_the_app_cancels_bodies_and_releases(apps: list[Application]) -> None:
     a, b, _ = apps
     started = asyncio.Event()
@@ -488,6 +582,9 @@ class CountingAdapter:
     async def extend(self, key: str, owner: str, ttl: float) -> bool:
         return await self.inner.extend(key, owner, ttl)
 
+    async def holders(self, prefix: str) -> list[tuple[str, str, int, float]]:
+        return await self.inner.holders(prefix)
+
 
 async def test_a_registered_adapter_can_become_the_default(tmp_path: Path) -> None:
     app = Application(settings=make_settings("local", tmp_path))
@@ -505,6 +602,17 @@ async def test_a_registered_adapter_can_become_the_default(tmp_path: Path) -> No
         with pytest.raises(StateError, match="already uses an adapter"):
             app.lock_manager.register_adapter("late", CountingAdapter, default=True)
     assert not adapter.connected
+
+
+async def test_an_instance_missing_a_method_is_named_in_the_error(tmp_path: Path) -> None:
+    class NoHolders(CountingAdapter):
+        holders = None  # type: ignore[assignment]
+
+    app = Application(settings=make_settings("local", tmp_path))
+    app.lock_manager.register_adapter("partial", NoHolders("local"), default=True)
+    async with app:
+        with pytest.raises(ConfigError, match="missing: holders"):
+            await app.lock_manager.try_acquire("k")
 
 
 async def test_locks_can_be_taken_from_load_before_connect(tmp_path: Path) -> None:

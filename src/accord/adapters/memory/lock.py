@@ -80,6 +80,14 @@ class LocalLockAdapter:
         now = time.monotonic()
         return [key for key, entry in self._table.entries.items() if entry.expires_at > now]
 
+    async def holders(self, prefix: str) -> list[tuple[str, str, int, float]]:
+        now = time.monotonic()
+        return [
+            (key, entry.owner, entry.token, entry.expires_at - now)
+            for key, entry in self._table.entries.items()
+            if entry.expires_at > now and key.startswith(prefix)
+        ]
+
     async def acquire(
         self, key: str, owner: str, ttl: float, timeout: float | None = 0
     ) -> int | None:

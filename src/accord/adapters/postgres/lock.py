@@ -8,6 +8,7 @@ import logging
 
 import asyncpg
 
+from ..._keys import like_escape
 from ...config import redact
 from ...exceptions import StateError
 from .._lock_waiters import Waiter, Waiters
@@ -79,6 +80,14 @@ RETURNING token
 EXTEND = """
 UPDATE accord_locks SET expires_at = clock_timestamp() + make_interval(secs => $3)
  WHERE name = $1 AND owner = $2 AND expires_at > clock_timestamp()
+"""
+
+# Live leases under a prefix, with the time left on the server's clock.
+HOLDERS = r"""
+WITH now AS (SELECT clock_timestamp() AS at)
+SELECT name, owner, token, extract(epoch FROM expires_at - now.at)::float8 AS remaining
+  FROM accord_locks, now
+ WHERE name LIKE $1 ESCAPE '\' AND owner IS NOT NULL AND expires_at > now.at
 """
 
 SWEEP = """
@@ -190,6 +199,15 @@ class PostgresLockAdapter:
         with map_errors(self.url):
             status = await self._ready().execute(EXTEND, key, owner, float(ttl))
         return bool(status.endswith(" 1"))
+
+    async def holders(self, prefix: str) -> list[tuple[str, str, int, float]]:
+        with map_errors(self.url):
+            rows = await self._ready().fetch(HOLDERS, like_escape(prefix) + "%")
+        return [
+            (row["name"], row["owner"], int(row["token"]), row["remaining"])
+            for row in rows
+            if row["remaining"] > 0
+        ]
 
     async def _sweep(self) -> None:
         while True:

@@ -1,16 +1,17 @@
-"""RedisLockAdapter: SET NX PX leases with an owner token, Lua compare-and-delete/extend/hand-over."""
+"""RedisLockAdapter: PX leases holding token and owner, Lua compare-and-delete/extend/hand-over."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import NoScriptError
 
+from ..._keys import glob_escape
 from ...config import redact
-from ...exceptions import AdapterUnavailable
+from ...exceptions import AdapterUnavailable, StateError
 from .._lock_waiters import MAX_SLEEP, Waiter, Waiters
 from .._watchdog import Watchdog
 from ._autopipeline import AutoPipeline
@@ -31,6 +32,13 @@ WAITING = "accord:lock-waiting:"
 WAITING_MS = 5000
 #: Seconds one command may take before the server counts as unreachable.
 COMMAND_TIMEOUT = 10.0
+#: Keys asked for per SCAN call (and read per script call) by `holders`.
+SCAN_COUNT = 500
+
+# A lock key's value is "<token>:<owner>": the token is digits only, so the
+# first ":" ends it. `held` is that value; the owner is what follows the ":"
+# (a value without one is compared whole).
+_OWNED_BY = "string.sub(held, (string.find(held, ':', 1, true) or 0) + 1) == ARGV[1]"
 
 # The fencing token is a hybrid clock: the Redis server's time in microseconds,
 # or the last token + 1 if that is not smaller. It rises while the counter key
@@ -47,8 +55,9 @@ redis.call('SET', KEYS[2], token)
 """
 
 ACQUIRE = f"""
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+if redis.call('EXISTS', KEYS[1]) == 0 then
   {_NEXT_TOKEN}
+  redis.call('SET', KEYS[1], token .. ':' .. ARGV[1], 'PX', ARGV[2])
   return {{1, token}}
 end
 redis.call('SET', KEYS[3], '1', 'PX', ARGV[3])
@@ -58,17 +67,19 @@ return {{0, redis.call('PTTL', KEYS[1])}}
 # Release straight to the next waiter of the same process: a new owner, lease
 # and token in one step, without a moment where the key is free.
 TRANSFER = f"""
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+local held = redis.call('GET', KEYS[1])
+if held and {_OWNED_BY} then
   {_NEXT_TOKEN}
+  redis.call('SET', KEYS[1], token .. ':' .. ARGV[2], 'PX', ARGV[3])
   return token
 end
 return false
 """
 
 # Announced only when someone waits: a PUBLISH is not free on a busy server.
-RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+RELEASE = f"""
+local held = redis.call('GET', KEYS[1])
+if held and {_OWNED_BY} then
   redis.call('DEL', KEYS[1])
   if redis.call('EXISTS', KEYS[2]) == 1 then
     redis.call('PUBLISH', ARGV[2], '')
@@ -78,11 +89,29 @@ end
 return 0
 """
 
-EXTEND = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+EXTEND = f"""
+local held = redis.call('GET', KEYS[1])
+if held and {_OWNED_BY} then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
+"""
+
+# Value and time left of each key still alive with a lease, read at one instant.
+READ = """
+local found = {}
+for _, name in ipairs(KEYS) do
+  local held = redis.pcall('GET', name)
+  if type(held) == 'string' then
+    local left = redis.call('PTTL', name)
+    if left > 0 then
+      found[#found + 1] = name
+      found[#found + 1] = held
+      found[#found + 1] = left
+    end
+  end
+end
+return found
 """
 
 
@@ -112,6 +141,7 @@ class RedisLockAdapter:
         self._client = client
         self._pipe: AutoPipeline | None = None
         self._scripts: dict[str, _Script] = {}
+        self._execute: Callable[..., Awaitable[Any]] | None = None
         self._waiters = Waiters()
         self._wakeups = RedisWakeups(url, self._waiters)
 
@@ -134,11 +164,13 @@ class RedisLockAdapter:
             if self._pipe is None:
                 self._pipe = AutoPipeline(self.url, reply_timeout=self._watchdog.timeout)
             execute = self._pipe.send
+        self._execute = execute
         for script_name, source in (
             ("acquire", ACQUIRE),
             ("release", RELEASE),
             ("extend", EXTEND),
             ("transfer", TRANSFER),
+            ("read", READ),
         ):
             self._scripts[script_name] = _Script(execute, source)
         await self._bounded(execute("PING"))
@@ -198,7 +230,30 @@ class RedisLockAdapter:
         args = [owner, _ms(ttl)]
         return bool(await self._run(self._scripts["extend"], [self.name(key)], args))
 
-    async def _run(self, script: _Script, keys: list[str], args: list[Any]) -> Any:
+    async def holders(self, prefix: str) -> list[tuple[str, str, int, float]]:
+        if self._execute is None:
+            raise StateError(f"{self!r} is not connected")
+        # SCAN may return a key twice; a key gone by the time it is read is skipped.
+        match = glob_escape(self.name(prefix)) + "*"
+        cut = len(PREFIX)
+        found: dict[str, tuple[str, str, int, float]] = {}
+        cursor: bytes | str = "0"
+        while True:
+            cursor, names = await self._bounded(
+                self._execute("SCAN", cursor, "MATCH", match, "COUNT", SCAN_COUNT)
+            )
+            if names:
+                reply = await self._run(self._scripts["read"], list(names), [])
+                for start in range(0, len(reply), 3):
+                    name, held, left = reply[start : start + 3]
+                    token, _, owner = _text(held).partition(":")
+                    if token.isdigit():
+                        key = _text(name)[cut:]
+                        found[key] = (key, owner, int(token), int(left) / 1000)
+            if cursor in (b"0", "0", 0):
+                return list(found.values())
+
+    async def _run(self, script: _Script, keys: Sequence[str | bytes], args: list[Any]) -> Any:
         return await self._bounded(script(keys, args))
 
     async def _bounded(self, command: Awaitable[Any]) -> Any:
@@ -222,7 +277,7 @@ class _Script:
         self.source = source
         self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
 
-    async def __call__(self, keys: list[str], args: list[Any]) -> Any:
+    async def __call__(self, keys: Sequence[str | bytes], args: list[Any]) -> Any:
         # EVALSHA straight through: redis-py's Script object costs about a
         # fifth of the round trip on every call.
         try:
@@ -234,3 +289,7 @@ class _Script:
 
 def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
