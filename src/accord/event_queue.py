@@ -131,6 +131,16 @@ class QueueAdapter(Protocol):
     async def stats(self, channel: str) -> QueueStats:
         """Counts of queued, delayed, running and dead jobs of `channel`."""
 
+    async def channels(self, prefix: str = "") -> list[str]:
+        """The channels whose names start with `prefix` ("": all) that exist in the engine.
+
+        A channel exists while it has jobs queued, delayed, running or dead,
+        or while the engine keeps something declared for it (a consumer
+        group, a queue). Any order; no duplicates. An engine that cannot
+        list what it holds returns what this instance has declared, and says
+        so in its docstring.
+        """
+
 
 class EventQueue:
     """Jobs published anywhere in the cluster and run once, on any subscribed instance.
@@ -328,6 +338,37 @@ class EventQueue:
         """Counts of queued, delayed, running and dead jobs of `channel` (cluster-wide)."""
         self._require_connected("stats")
         return await self.adapter.stats(self.channel_name(channel, shared=shared))
+
+    async def channels(self) -> list[str]:
+        """The names of this application's channels that exist in the queue engine, sorted.
+
+        A channel exists while it has jobs queued, delayed, running or dead,
+        or while the engine keeps a consumer group or queue for it (Redis
+        keeps a channel's stream once it was subscribed to). The names are
+        the ones `publish` and `stats` take, so each can be passed to
+        `stats()` as is.
+
+        Channels published or subscribed with `shared=True` are never
+        listed: their names carry no application prefix, so they are in no
+        application's namespace (ask for them by name, with `shared=True`).
+
+        On RabbitMQ, which cannot list queues over AMQP, only the channels
+        this instance has declared since it connected are listed: those it
+        published to, subscribed to, or inspected.
+
+        Example:
+            for channel in await app.event_queue.channels():
+                print(channel, await app.event_queue.stats(channel))
+        """
+        self._require_connected("channels")
+        prefix = _keys.join(self.app.name, "")
+        found = set()
+        for name in await self.adapter.channels(prefix):
+            if name.startswith(prefix):
+                channel = _keys.unescape(name[len(prefix) :])
+                if channel:
+                    found.add(channel)
+        return sorted(found)
 
     # Lifecycle, driven by the application.
 

@@ -127,6 +127,21 @@ async def test_requeue_of_an_id_that_is_pending_again_raises_and_keeps_the_lette
     assert [dead.id for dead in await adapter.dead_letters("c", 10)] == ["k"]
 
 
+async def test_channels_match_the_prefix_literally_across_both_tables(
+    adapter: PostgresQueueAdapter,
+) -> None:
+    await adapter.enqueue(new_job("a_%:live"), 30)
+    await adapter.enqueue(new_job("a_%:gone", job_id="k"), 0)
+    (job,) = await adapter.claim("a_%:gone", "w", 1, 30, 0)
+    assert await adapter.bury(job)
+    # `_` and `%` are LIKE wildcards: these must not match the prefix `a_%:`.
+    await adapter.enqueue(new_job("ab%:other"), 0)
+    await adapter.enqueue(new_job("a_x:other"), 0)
+    assert sorted(await adapter.channels("a_%:")) == ["a_%:gone", "a_%:live"]
+    assert sorted(await adapter.channels()) == ["a_%:gone", "a_%:live", "a_x:other", "ab%:other"]
+    assert await adapter.channels("b") == []
+
+
 async def test_a_waiting_claim_is_woken_by_a_publish_elsewhere(
     adapter: PostgresQueueAdapter, postgres_url: str
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -308,13 +309,35 @@ async def test_a_queue_made_with_other_arguments_is_reported_with_the_fix(
         await second.close()
 
 
+async def test_channels_are_those_this_adapter_declared(
+    adapter: RabbitMQQueueAdapter, other: RabbitMQQueueAdapter, channel: str
+) -> None:
+    app = channel.partition(":")[0] + ":"
+    elsewhere = unique("app") + ":"
+    await adapter.enqueue(new_job(channel), 0)
+    await adapter.subscribe(app + "idle", "w", 1)
+    await adapter.stats(app + "inspected")
+    await adapter.enqueue(new_job(elsewhere + "jobs"), 0)
+    assert sorted(await adapter.channels(app)) == [app + "idle", app + "inspected", channel]
+    assert await adapter.channels(elsewhere) == [elsewhere + "jobs"]
+    # The queues exist on the broker, but AMQP cannot list them for another adapter:
+    # it knows a channel once it used it.
+    assert await other.channels(app) == []
+    assert (await other.stats(channel)).queued == 1
+    assert await other.channels(app) == [channel]
+    assert await other.channels(elsewhere) == []
+
+
 def test_names_are_safe_routing_words_and_fit_the_broker_limits() -> None:
     odd = names_of("app:é.*#~ x")
     assert odd.work.startswith("accord.job.")
     base = odd.work.removeprefix("accord.job.")
     assert not set(base) & set(".*# ")
     assert names_of("app:é.*#~ x") != names_of("app:é.*#~ y")
+    # What AMQP allows in a queue name (the client refuses anything else).
+    assert re.fullmatch(r"[A-Za-z0-9_:.+-]*", odd.work), odd.work
     long = names_of("a" * 300 + "é" * 100)
+    assert re.fullmatch(r"[A-Za-z0-9_:.+-]*", long.work), long.work
     longest = max(long.level(31), long.marker("k" * 500), long.dead, key=len)
     assert len(longest.encode()) <= 255
     assert len(long.delay_key(2**32 - 1).encode()) <= 255

@@ -309,6 +309,82 @@ async def test_shared_channel_is_not_prefixed_with_the_app_name(
             await delete_queue_keys(queue_url, name)
 
 
+# Listing channels.
+
+
+async def test_channels_lists_channels_with_delayed_or_dead_jobs(
+    make_cluster: ClusterFactory,
+) -> None:
+    doomed = Recorder(fail=True)
+    async with make_cluster(1) as (app,):
+        assert await app.event_queue.channels() == []
+        await app.event_queue.publish("later", "soon", delay=60)
+        app.event_queue.subscribe("failing", process=doomed, interval=0.05)
+        await app.event_queue.publish("failing", "poison")
+        await wait_until(lambda: app.event_queue.counters.get("dead") == 1, WAIT)
+        await app.event_queue.unsubscribe("failing")
+        listed = await app.event_queue.channels()
+        later = await app.event_queue.stats(listed[1])
+        failing = await app.event_queue.stats(listed[0])
+    assert listed == ["failing", "later"]
+    assert (later.queued, later.delayed, later.running, later.dead) == (0, 1, 0, 0)
+    assert (failing.queued, failing.delayed, failing.running, failing.dead) == (0, 0, 0, 1)
+    with pytest.raises(StateError):
+        await app.event_queue.channels()
+
+
+async def test_channels_of_other_apps_and_shared_channels_are_not_listed(
+    queue_url: str, storage: Path, app_name: str
+) -> None:
+    base = Settings(storage=str(storage), queue_url=queue_url, lock_url=f"memory://{app_name}")
+    # The other app's name extends this one's: only whole app names match.
+    async with (
+        cluster(1, settings=base.replace(app_name=app_name)) as (app,),
+        cluster(1, settings=base.replace(app_name=f"{app_name}b")) as (other,),
+    ):
+        await app.event_queue.publish("mine", 1, delay=60)
+        await other.event_queue.publish("theirs", 2, delay=60)
+        await other.event_queue.publish("mine-too", 3, delay=60)
+        # Shared names, one of them spelled like a channel of this app.
+        await app.event_queue.publish(f"{app_name}-shared", 4, delay=60, shared=True)
+        await app.event_queue.publish(f"{app_name}:lookalike", 5, delay=60, shared=True)
+        assert (await app.event_queue.stats(f"{app_name}:lookalike", shared=True)).delayed == 1
+        assert await app.event_queue.channels() == ["mine"]
+        assert await other.event_queue.channels() == ["mine-too", "theirs"]
+
+
+async def test_channel_names_with_separators_and_glob_characters_round_trip(
+    make_cluster: ClusterFactory,
+) -> None:
+    names = ["a:b", "a", "b", "*", "x*y?", "[z]", "back\\slash:", ":", "\\:\\"]
+    async with make_cluster(1) as (app,):
+        for n, name in enumerate(names):
+            await app.event_queue.publish(name, n, delay=60)
+        listed = await app.event_queue.channels()
+        delayed = [(await app.event_queue.stats(name)).delayed for name in listed]
+    assert listed == sorted(names)
+    assert delayed == [1] * len(names)
+
+
+async def test_channels_seen_by_another_instance(
+    make_cluster: ClusterFactory, queue_url: str
+) -> None:
+    async with make_cluster(2) as (publisher, observer):
+        await publisher.event_queue.publish("jobs", 1, delay=60)
+        observer.event_queue.subscribe("idle", process=Recorder())
+        await wait_until(lambda: all(c.subscribed for c in observer.event_queue.consumers), WAIT)
+        seen = await observer.event_queue.channels()
+    if queue_url.startswith("amqp"):
+        # AMQP cannot list queues: an instance lists what it declared itself.
+        assert seen == ["idle"]
+    elif queue_url.startswith("redis"):
+        # A subscription leaves the channel's stream and consumer group.
+        assert seen == ["idle", "jobs"]
+    else:
+        # Only jobs make a channel exist here.
+        assert seen == ["jobs"]
+
+
 # Scheduling and idempotency.
 
 

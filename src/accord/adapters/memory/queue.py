@@ -278,6 +278,17 @@ class MemoryQueueAdapter:
             dead=len(state.dead),
         )
 
+    async def channels(self, prefix: str = "") -> list[str]:
+        """Channels starting with `prefix` that hold jobs: queued, delayed, running or dead.
+
+        A subscription alone declares nothing here, as on PostgreSQL.
+        """
+        return [
+            name
+            for name, state in self.bus.channels.items()
+            if name.startswith(prefix) and (state.heap or state.leased or state.dead)
+        ]
+
     # Saving and loading.
 
     def _save(self, bus: _Bus) -> None:

@@ -187,6 +187,13 @@ SELECT count(*) FILTER (WHERE lease IS NULL AND due_at <= clock_timestamp()) AS 
   FROM {jobs} WHERE channel = $1
 """
 
+# $1 prefix. Channels with live jobs or dead letters, each once (UNION removes duplicates).
+_CHANNELS = """
+SELECT channel FROM {jobs} WHERE starts_with(channel, $1)
+UNION
+SELECT channel FROM {dead} WHERE starts_with(channel, $1)
+"""
+
 # Compared between the queue's connection and an application transaction's:
 # the same server process, database and table mean the same rows.
 IDENTITY = "SELECT current_database(), pg_postmaster_start_time(), to_regclass($1)::oid"
@@ -217,6 +224,7 @@ class Queries:
     requeue: str
     purge: str
     stats: str
+    channels: str
 
     @classmethod
     def for_schema(cls, schema: str) -> Queries:
@@ -243,4 +251,5 @@ class Queries:
             requeue=_REQUEUE.format(**names),
             purge=_PURGE.format(**names),
             stats=_STATS.format(**names),
+            channels=_CHANNELS.format(**names),
         )

@@ -337,6 +337,16 @@ class PostgresQueueAdapter:
             queued=row["queued"], delayed=row["delayed"], running=row["running"], dead=row["dead"]
         )
 
+    async def channels(self, prefix: str = "") -> list[str]:
+        """Channels starting with `prefix` with rows in the jobs or dead-letter table.
+
+        A subscription alone leaves no row, so a channel without jobs is not listed.
+        """
+        pool, _, queries = self._ready()
+        with map_errors(self.url):
+            rows = await pool.fetch(queries.channels, prefix)
+        return [row["channel"] for row in rows]
+
 
 def _settle_args(job: Job) -> tuple[Any, ...]:
     """The leased row's key and lease, then the counters the manager set ($1 to $7)."""

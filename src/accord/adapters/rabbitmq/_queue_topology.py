@@ -47,13 +47,14 @@ FIRST_EXCHANGE = level_exchange(LEVELS - 1)
 
 
 def _base(channel: str) -> str:
-    # Dots separate routing-key words, and `*` and `#` are wildcards: escape all but a safe set.
+    # Dots separate routing-key words, and `*` and `#` are wildcards: escape all but a safe set,
+    # with `+` (itself escaped), which AMQP allows in a queue name.
     escaped = "".join(
-        c if c in _SAFE else "".join(f"~{b:02x}" for b in c.encode()) for c in channel
+        c if c in _SAFE else "".join(f"+{b:02x}" for b in c.encode()) for c in channel
     )
     if len(escaped) <= MAX_BASE:
         return escaped
-    return escaped[:100] + "~" + hashlib.blake2b(channel.encode(), digest_size=16).hexdigest()
+    return escaped[:100] + "+" + hashlib.blake2b(channel.encode(), digest_size=16).hexdigest()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -332,6 +332,16 @@ class RabbitMQQueueAdapter:
             dead=dead,
         )
 
+    async def channels(self, prefix: str = "") -> list[str]:
+        """Channels starting with `prefix` that this adapter has declared since it was made.
+
+        AMQP cannot list the queues of a vhost (the management HTTP API can,
+        and is not used), so this is what this instance published to,
+        subscribed to or inspected (`stats`, `dead_letters`, `purge`), not
+        every channel of the broker.
+        """
+        return [channel for channel in self._links.channels if channel.startswith(prefix)]
+
 
 def _ms(seconds: float) -> int:
     return max(0, round(seconds * 1000))

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
 
-from ..._keys import escape
+from ..._keys import SEPARATOR, escape, glob_escape, unescape
 from ...event_queue import Job, QueueStats
 from ...exceptions import AdapterError, AdapterUnavailable, QueueError, StateError
 from . import _queue_lua as lua
@@ -29,6 +29,8 @@ PURGE_BATCH = 500
 RETRIED = frozenset({"enqueue", "ack", "renew", "recover", "stats", "unsubscribe"})
 #: A consumer with nothing pending that has not read for this long is removed from the group.
 STALE_CONSUMER = 600.0
+#: Keys asked for per SCAN step when listing channels.
+SCAN_COUNT = 500
 
 
 class Keys(NamedTuple):
@@ -52,6 +54,10 @@ def keys_of(channel: str) -> Keys:
         dead=base + ":dead",
         dead_jobs=base + ":dead-jobs",
     )
+
+
+#: The last segment of every key of a channel (`stream`, `delayed`, ...).
+_SUFFIXES = frozenset(key.rpartition(SEPARATOR)[2] for key in keys_of("channel"))
 
 
 class RedisQueueAdapter:
@@ -284,6 +290,32 @@ class RedisQueueAdapter:
             "stats", [k.stream, k.delayed, k.dead], [GROUP]
         )
         return QueueStats(queued=queued, delayed=delayed, running=running, dead=dead)
+
+    async def channels(self, prefix: str = "") -> list[str]:
+        """Channels starting with `prefix` with a key: a stream, delayed jobs or dead letters.
+
+        A channel's stream stays once it has a job or a consumer group, so a
+        channel subscribed to is listed even when empty. The keys are found
+        with SCAN ... MATCH over the keys of those channels only (never KEYS).
+        """
+        match = glob_escape(PREFIX + escape(prefix)) + "*"
+        found: set[str] = set()
+        with map_errors(self.url):
+            async for key in self.client.scan_iter(match=match, count=SCAN_COUNT):
+                channel = channel_of(_text(key))
+                if channel is not None and channel.startswith(prefix):
+                    found.add(channel)
+        return list(found)
+
+
+def channel_of(key: str) -> str | None:
+    """The channel whose key (as `keys_of` builds it) is `key`; None for any other key."""
+    if not key.startswith(PREFIX):
+        return None
+    escaped, separator, suffix = key[len(PREFIX) :].rpartition(SEPARATOR)
+    if not separator or suffix not in _SUFFIXES:
+        return None
+    return unescape(escaped)
 
 
 def _ms(seconds: float) -> int:
