@@ -1,10 +1,11 @@
-"""The `accord` command: `accord demo`, `accord doctor`, `accord --version`."""
+"""The `accord` command: `accord demo`, `accord doctor`, `accord status`, `accord --version`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import importlib
+import json
 import logging
 import sys
 import time
@@ -36,11 +37,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.add_parser(
         "doctor", help="reach every backend the ACCORD_* settings name and report what answered"
     )
+    status = commands.add_parser(
+        "status",
+        help="the live instances, queues and held locks of the application the ACCORD_* settings name",
+    )
+    status.add_argument("--json", action="store_true", help="print one JSON document instead")
     args = parser.parse_args(argv)
     if args.command == "demo":
         return asyncio.run(run_demo(verbose=args.verbose))
     if args.command == "doctor":
         return asyncio.run(run_doctor())
+    if args.command == "status":
+        return asyncio.run(run_status(as_json=args.json))
     parser.print_help()
     return 2
 
@@ -74,6 +82,34 @@ async def run_doctor() -> int:
     checks = await run_checks(settings)
     print(render(checks))
     return 0 if all(check.ok for check in checks) else 1
+
+
+async def run_status(*, as_json: bool = False) -> int:
+    from ._status import collect, embedded_settings, render
+    from .config import Settings
+    from .exceptions import AccordError
+
+    try:
+        settings = Settings.from_env()
+    except AccordError as exc:
+        print(f"accord status: {exc}", file=sys.stderr)
+        return 1
+    if len(embedded_settings(settings)) == 3:
+        print(
+            "accord status: membership, queue and locks all run in-process here, so another "
+            "process has nothing to read; set ACCORD_CLUSTER_URL (or ACCORD_QUEUE_URL, "
+            "ACCORD_LOCK_URL) to the Redis or PostgreSQL server the instances use",
+            file=sys.stderr,
+        )
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        status = await collect(settings)
+    except AccordError as exc:
+        print(f"accord status: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(status.as_json(), indent=2) if as_json else render(status))
+    return 0
 
 
 def _say(line: str) -> None:

@@ -12,7 +12,7 @@ import uuid
 from typing import TYPE_CHECKING, Protocol
 
 from ._registry import load_adapter, scheme_of
-from .config import POSTGRES_SCHEMES, REDIS_SCHEMES, env_name, redact
+from .config import POSTGRES_SCHEMES, REDIS_SCHEMES, Settings, env_name, redact
 from .exceptions import AdapterError, StateError
 
 if TYPE_CHECKING:
@@ -88,7 +88,7 @@ class Cluster:
     def __init__(self, app: Application) -> None:
         self.app = app
         self.interval = app.settings.heartbeat_interval
-        self.url = _membership_url(app)
+        self.url = membership_url(app.settings)
         self.state = ClusterState.NEW
         self.started_at = time.time()
         self.host = socket.gethostname()
@@ -182,8 +182,8 @@ class Cluster:
         self.state = ClusterState.CLOSED
 
 
-def _membership_url(app: Application) -> str:
-    settings = app.settings
+def membership_url(settings: Settings) -> str:
+    """Where instances register: `cluster_url`, else a Redis or PostgreSQL bus or lock URL."""
     if settings.cluster_url:
         return settings.cluster_url
     for url in (settings.resolved_pubsub_url, settings.resolved_lock_url):

@@ -1,0 +1,131 @@
+"""`accord status`: the instances, queues and locks of one application, seen from outside."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ._registry import scheme_of
+from .app import Application
+from .cluster import InstanceInfo, membership_url
+from .config import Settings, env_name
+from .event_queue import QueueStats
+from .locks import LockHolder
+
+# Schemes whose state lives in one process: another process (this command) cannot see it.
+EMBEDDED = frozenset({"memory", "local", ""})
+
+
+@dataclass
+class ClusterStatus:
+    """One reading of the cluster; `observer` is the instance this command ran as."""
+
+    app: str
+    observer: str
+    instances: list[InstanceInfo] = field(default_factory=list)
+    queues: dict[str, QueueStats] = field(default_factory=dict)
+    locks: list[LockHolder] = field(default_factory=list)
+    #: settings naming an in-process backend, whose state this command cannot see
+    embedded: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "app": self.app,
+            "observer": self.observer,
+            "instances": [asdict(info) for info in self.instances],
+            "queues": {channel: asdict(stats) for channel, stats in self.queues.items()},
+            "locks": [asdict(holder) for holder in self.locks],
+            "embedded": self.embedded,
+        }
+
+
+def embedded_settings(settings: Settings) -> list[str]:
+    """The environment variables whose backend is in-process, so invisible to this command."""
+    urls = {
+        "cluster_url": membership_url(settings),
+        "queue_url": settings.resolved_queue_url,
+        "lock_url": settings.resolved_lock_url,
+    }
+    return [env_name(name) for name, url in urls.items() if scheme_of(url) in EMBEDDED]
+
+
+async def collect(settings: Settings) -> ClusterStatus:
+    """Join the cluster as a short-lived instance without plugins and read what it sees.
+
+    The command's own instance is left out of `instances`; it is `observer`.
+    """
+    embedded = embedded_settings(settings)
+    async with Application(settings=settings) as app:
+        status = ClusterStatus(app.name, app.instance_id, embedded=embedded)
+        if env_name("cluster_url") not in embedded:
+            instances = await app.cluster.instances()
+            status.instances = [info for info in instances if info.id != app.instance_id]
+        if env_name("queue_url") not in embedded:
+            for channel in await app.event_queue.channels():
+                status.queues[channel] = await app.event_queue.stats(channel)
+        if env_name("lock_url") not in embedded:
+            status.locks = await app.lock_manager.holders()
+    return status
+
+
+def render(status: ClusterStatus, *, now: float | None = None) -> str:
+    """The status as the terminal table `accord status` prints."""
+    now = time.time() if now is None else now
+    lines = [f"application {status.app!r} (read as instance {status.observer})"]
+    for variable in status.embedded:
+        lines.append(f"  {variable}: in-process backend; another process cannot see its state")
+
+    lines += _section(
+        "instances",
+        ("id", "host", "pid", "up", "last beat"),
+        [
+            (
+                info.id,
+                info.host,
+                str(info.pid),
+                _duration(now - info.started_at),
+                f"{max(0.0, now - info.last_beat):.1f} s ago",
+            )
+            for info in status.instances
+        ],
+    )
+    lines += _section(
+        "queues",
+        ("channel", "queued", "delayed", "running", "dead"),
+        [
+            (channel, str(stats.queued), str(stats.delayed), str(stats.running), str(stats.dead))
+            for channel, stats in status.queues.items()
+        ],
+    )
+    lines += _section(
+        "locks held",
+        ("key", "instance", "token", "expires in"),
+        [
+            (holder.key, holder.instance_id, str(holder.token), f"{holder.expires_in:.1f} s")
+            for holder in status.locks
+        ],
+    )
+    return "\n".join(lines)
+
+
+def _section(title: str, header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    """`title: n` and, when there are rows, an aligned table under it."""
+    lines = ["", f"{title}: {len(rows)}"]
+    if not rows:
+        return lines
+    table = [header, *rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        lines.append(("  " + "  ".join(cells)).rstrip())
+    return lines
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds // 60} min"
+    return f"{seconds // 3600} h"
