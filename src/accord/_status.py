@@ -51,21 +51,31 @@ def embedded_settings(settings: Settings) -> list[str]:
 
 
 async def collect(settings: Settings) -> ClusterStatus:
-    """Join the cluster as a short-lived instance without plugins and read what it sees.
-
-    The command's own instance is left out of `instances`; it is `observer`.
-    """
-    embedded = embedded_settings(settings)
+    """Join the cluster as a short-lived instance without plugins and read what it sees."""
     async with Application(settings=settings) as app:
-        status = ClusterStatus(app.name, app.instance_id, embedded=embedded)
-        if env_name("cluster_url") not in embedded:
-            instances = await app.cluster.instances()
-            status.instances = [info for info in instances if info.id != app.instance_id]
-        if env_name("queue_url") not in embedded:
-            for channel in await app.event_queue.channels():
-                status.queues[channel] = await app.event_queue.stats(channel)
-        if env_name("lock_url") not in embedded:
-            status.locks = await app.lock_manager.holders()
+        return await read(app)
+
+
+async def read(app: Application, *, include_self: bool = False) -> ClusterStatus:
+    """What the started `app` sees of its cluster.
+
+    Args:
+        app: a started application.
+        include_self: list `app`'s own instance too. Default False: it is only
+            the `observer` (the short-lived instance of `accord status`).
+    """
+    embedded = embedded_settings(app.settings)
+    status = ClusterStatus(app.name, app.instance_id, embedded=embedded)
+    if env_name("cluster_url") not in embedded:
+        instances = await app.cluster.instances()
+        status.instances = [
+            info for info in instances if include_self or info.id != app.instance_id
+        ]
+    if env_name("queue_url") not in embedded:
+        for channel in await app.event_queue.channels():
+            status.queues[channel] = await app.event_queue.stats(channel)
+    if env_name("lock_url") not in embedded:
+        status.locks = await app.lock_manager.holders()
     return status
 
 
