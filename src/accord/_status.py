@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -117,6 +118,83 @@ def render(status: ClusterStatus, *, now: float | None = None) -> str:
         ],
     )
     return "\n".join(lines)
+
+
+def render_html(status: ClusterStatus, *, now: float | None = None, refresh: int = 5) -> str:
+    """The status as a self-contained HTML page: the same three tables, every value escaped.
+
+    Args:
+        status: what `read` returned.
+        now: the time the durations are measured to. Default: now.
+        refresh: seconds after which the browser reloads the page. Default 5.
+    """
+    now = time.time() if now is None else now
+    e = html.escape
+    title = f"accord: {status.app}"
+    notes = "".join(
+        f"<p class=note>{e(variable)}: in-process backend; another process cannot see its "
+        "state, so it is not read here</p>"
+        for variable in status.embedded
+    )
+    tables = [
+        _html_table(
+            "instances",
+            ("id", "host", "pid", "up", "last beat"),
+            [
+                (
+                    info.id + (" (this one)" if info.id == status.observer else ""),
+                    info.host,
+                    str(info.pid),
+                    _duration(now - info.started_at),
+                    f"{max(0.0, now - info.last_beat):.1f} s ago",
+                )
+                for info in status.instances
+            ],
+        ),
+        _html_table(
+            "queues",
+            ("channel", "queued", "delayed", "running", "dead"),
+            [
+                (
+                    channel,
+                    str(stats.queued),
+                    str(stats.delayed),
+                    str(stats.running),
+                    str(stats.dead),
+                )
+                for channel, stats in status.queues.items()
+            ],
+        ),
+        _html_table(
+            "locks held",
+            ("key", "instance", "token", "expires in"),
+            [
+                (holder.key, holder.instance_id, str(holder.token), f"{holder.expires_in:.1f} s")
+                for holder in status.locks
+            ],
+        ),
+    ]
+    return (
+        "<!doctype html>\n<html lang=en><head><meta charset=utf-8>"
+        f'<meta http-equiv="refresh" content="{int(refresh)}">'
+        f"<title>{e(title)}</title>"
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "th,td{border:1px solid #ccc;padding:.2em .6em;text-align:left}"
+        ".note{color:#850}</style></head><body>\n"
+        f"<h1>{e(title)}</h1>\n<p>read as instance {e(status.observer)}</p>\n"
+        f"{notes}\n{''.join(tables)}</body></html>\n"
+    )
+
+
+def _html_table(title: str, header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    e = html.escape
+    parts = [f"<h2>{e(title)}: {len(rows)}</h2>\n"]
+    if rows:
+        parts.append("<table><tr>" + "".join(f"<th>{e(cell)}</th>" for cell in header) + "</tr>")
+        for row in rows:
+            parts.append("<tr>" + "".join(f"<td>{e(cell)}</td>" for cell in row) + "</tr>")
+        parts.append("</table>\n")
+    return "\n".join(parts)
 
 
 def _section(title: str, header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:

@@ -1,4 +1,4 @@
-"""The `accord` command: `accord demo`, `accord doctor`, `accord status`, `accord --version`."""
+"""The `accord` command: `demo`, `serve`, `worker`, `status`, `doctor`, `--version`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import importlib
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -42,6 +43,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="the live instances, queues and held locks of the application the ACCORD_* settings name",
     )
     status.add_argument("--json", action="store_true", help="print one JSON document instead")
+    worker = commands.add_parser(
+        "worker",
+        help="run an instance with the given plugins (queue consumers included), no HTTP listener",
+    )
+    _instance_options(worker, plugins_required=True)
+    serve = commands.add_parser(
+        "serve",
+        help="run an instance with the given plugins and an HTTP API and status page",
+    )
+    _instance_options(serve, plugins_required=False)
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default %(default)s)"
+    )
+    serve.add_argument("--port", type=int, default=8000, help="TCP port (default %(default)s)")
     args = parser.parse_args(argv)
     if args.command == "demo":
         return asyncio.run(run_demo(verbose=args.verbose))
@@ -49,6 +64,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(run_doctor())
     if args.command == "status":
         return asyncio.run(run_status(as_json=args.json))
+    if args.command == "worker":
+        return asyncio.run(
+            run_instance("worker", args.plugin, app_name=args.app, log_level=args.log_level)
+        )
+    if args.command == "serve":
+        return asyncio.run(
+            run_instance(
+                "serve",
+                args.plugin,
+                app_name=args.app,
+                log_level=args.log_level,
+                http=(args.host, args.port),
+            )
+        )
     parser.print_help()
     return 2
 
@@ -110,6 +139,65 @@ async def run_status(*, as_json: bool = False) -> int:
         return 1
     print(json.dumps(status.as_json(), indent=2) if as_json else render(status))
     return 0
+
+
+async def run_instance(
+    command: str,
+    specs: Sequence[str],
+    *,
+    app_name: str | None = None,
+    log_level: str = "INFO",
+    http: tuple[str, int] | None = None,
+) -> int:
+    """`accord worker` (no `http`) and `accord serve` (`http` = host, port)."""
+    from . import _worker
+    from .app import Application
+    from .config import Settings
+    from .exceptions import AccordError
+
+    # As `python -m` does, and uvicorn with its app dir: plugin modules import from here.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        plugins = _worker.load_plugins(specs)
+    except _worker.PluginSpecError as exc:
+        print(f"accord {command}: {exc}", file=sys.stderr)
+        return _worker.EXIT_USAGE
+    _worker.configure_logging(log_level)
+    try:
+        app = Application(app_name, plugins=plugins, settings=Settings.from_env())
+        server = None
+        if http is not None:
+            from .server import _uvicorn_server
+
+            host, port = http
+            server = _uvicorn_server(app, host=host, port=port)
+    except AccordError as exc:
+        print(f"accord {command}: {exc}", file=sys.stderr)
+        return _worker.EXIT_FAILED
+    logging.getLogger("accord.worker").info("accord %s %s: %r", __version__, command, app.settings)
+    return await _worker.run(app, http=server, command=command)
+
+
+def _instance_options(parser: argparse.ArgumentParser, *, plugins_required: bool) -> None:
+    parser.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        required=plugins_required,
+        metavar="MODULE:CLASS",
+        help="a Plugin class to load, e.g. myapp.plugins:Greeter (repeat for several, in order)",
+    )
+    parser.add_argument(
+        "--app", metavar="NAME", help="the application name (wins over ACCORD_APP_NAME)"
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log lines on stderr from this level up (default %(default)s)",
+    )
 
 
 def _say(line: str) -> None:
