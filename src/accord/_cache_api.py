@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from . import _keys
 from ._cache_base import MISSING, Missing, check_key, check_keys, check_ttl
 from ._cache_wrap import (
     DEFAULT_LOCK_TIMEOUT,
@@ -270,6 +271,14 @@ class Cache:
                 return value
         locking = (lock_ttl, lock_timeout) if lock else None
         return await self._read_through.run(check_key(key), fn, self._ttl(ttl), None, locking)
+
+    def lock_name(self, key: str) -> str:
+        """The lock `wrap(key, ..., lock=True)` holds while it computes and stores `key`.
+
+        Hold it (through `app.lock_manager`) around an invalidation of `key` so
+        that a computation which read old data cannot store it after the delete.
+        """
+        return _keys.join("cache", self.prefix, check_key(key))
 
     async def wrap_with_condition(
         self,

@@ -8,7 +8,6 @@ import inspect
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from . import _keys
 from ._cache_base import MISSING
 from ._codec import decode
 from .exceptions import StateError
@@ -91,7 +90,7 @@ class ReadThrough:
             return await self._compute(key, fn, ttl, predicate)
         cache = self.cache
         lock_ttl, lock_timeout = lock
-        name = _keys.join("cache", cache.prefix, key)
+        name = cache.lock_name(key)
         async with cache.app.lock_manager.lock(name, ttl=lock_ttl, timeout=lock_timeout):
             # Another instance may have computed it while this one waited for the lock.
             data = await cache.store.get(key)

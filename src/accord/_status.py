@@ -80,43 +80,59 @@ async def read(app: Application, *, include_self: bool = False) -> ClusterStatus
     return status
 
 
+Table = tuple[str, tuple[str, ...], list[tuple[str, ...]]]
+
+
+def tables(status: ClusterStatus, now: float) -> list[Table]:
+    """(title, header, rows) of the three tables both renderings show, every cell a string."""
+    return [
+        (
+            "instances",
+            ("id", "host", "pid", "up", "last beat"),
+            [
+                (
+                    info.id + (" (this one)" if info.id == status.observer else ""),
+                    info.host,
+                    str(info.pid),
+                    _duration(now - info.started_at),
+                    f"{max(0.0, now - info.last_beat):.1f} s ago",
+                )
+                for info in status.instances
+            ],
+        ),
+        (
+            "queues",
+            ("channel", "queued", "delayed", "running", "dead"),
+            [
+                (
+                    channel,
+                    str(stats.queued),
+                    str(stats.delayed),
+                    str(stats.running),
+                    str(stats.dead),
+                )
+                for channel, stats in status.queues.items()
+            ],
+        ),
+        (
+            "locks held",
+            ("key", "instance", "token", "expires in"),
+            [
+                (holder.key, holder.instance_id, str(holder.token), f"{holder.expires_in:.1f} s")
+                for holder in status.locks
+            ],
+        ),
+    ]
+
+
 def render(status: ClusterStatus, *, now: float | None = None) -> str:
-    """The status as the terminal table `accord status` prints."""
+    """The status as the terminal tables `accord status` prints."""
     now = time.time() if now is None else now
     lines = [f"application {status.app!r} (read as instance {status.observer})"]
     for variable in status.embedded:
         lines.append(f"  {variable}: in-process backend; another process cannot see its state")
-
-    lines += _section(
-        "instances",
-        ("id", "host", "pid", "up", "last beat"),
-        [
-            (
-                info.id,
-                info.host,
-                str(info.pid),
-                _duration(now - info.started_at),
-                f"{max(0.0, now - info.last_beat):.1f} s ago",
-            )
-            for info in status.instances
-        ],
-    )
-    lines += _section(
-        "queues",
-        ("channel", "queued", "delayed", "running", "dead"),
-        [
-            (channel, str(stats.queued), str(stats.delayed), str(stats.running), str(stats.dead))
-            for channel, stats in status.queues.items()
-        ],
-    )
-    lines += _section(
-        "locks held",
-        ("key", "instance", "token", "expires in"),
-        [
-            (holder.key, holder.instance_id, str(holder.token), f"{holder.expires_in:.1f} s")
-            for holder in status.locks
-        ],
-    )
+    for table in tables(status, now):
+        lines += _section(*table)
     return "\n".join(lines)
 
 
@@ -136,44 +152,7 @@ def render_html(status: ClusterStatus, *, now: float | None = None, refresh: int
         "state, so it is not read here</p>"
         for variable in status.embedded
     )
-    tables = [
-        _html_table(
-            "instances",
-            ("id", "host", "pid", "up", "last beat"),
-            [
-                (
-                    info.id + (" (this one)" if info.id == status.observer else ""),
-                    info.host,
-                    str(info.pid),
-                    _duration(now - info.started_at),
-                    f"{max(0.0, now - info.last_beat):.1f} s ago",
-                )
-                for info in status.instances
-            ],
-        ),
-        _html_table(
-            "queues",
-            ("channel", "queued", "delayed", "running", "dead"),
-            [
-                (
-                    channel,
-                    str(stats.queued),
-                    str(stats.delayed),
-                    str(stats.running),
-                    str(stats.dead),
-                )
-                for channel, stats in status.queues.items()
-            ],
-        ),
-        _html_table(
-            "locks held",
-            ("key", "instance", "token", "expires in"),
-            [
-                (holder.key, holder.instance_id, str(holder.token), f"{holder.expires_in:.1f} s")
-                for holder in status.locks
-            ],
-        ),
-    ]
+    body = "".join(_html_table(*table) for table in tables(status, now))
     return (
         "<!doctype html>\n<html lang=en><head><meta charset=utf-8>"
         f'<meta http-equiv="refresh" content="{int(refresh)}">'
@@ -182,7 +161,7 @@ def render_html(status: ClusterStatus, *, now: float | None = None, refresh: int
         "th,td{border:1px solid #ccc;padding:.2em .6em;text-align:left}"
         ".note{color:#850}</style></head><body>\n"
         f"<h1>{e(title)}</h1>\n<p>read as instance {e(status.observer)}</p>\n"
-        f"{notes}\n{''.join(tables)}</body></html>\n"
+        f"{notes}\n{body}</body></html>\n"
     )
 
 

@@ -235,8 +235,7 @@ class Application:
         pending = [p for p in self._plugins.values() if type(p).overrides("install")]
         if not pending:
             return
-        async with self.db.engine.begin() as connection:
-            await connection.run_sync(_metadata.create_all)
+        await self.db.create_tables(_metadata)
         # Two instances starting together must not both install a plugin.
         async with (
             self.lock_manager.lock(INSTALL_LOCK, ttl=30),

@@ -13,7 +13,8 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from sqlalchemy import event
+from sqlalchemy import MetaData, event
+from sqlalchemy import inspect as inspect_schema
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, create_async_engine
 
 from .config import redact
@@ -201,6 +202,19 @@ class Database:
             await self._engine.dispose()
             self._engine = None
         self.state = DatabaseState.CLOSED
+
+    async def create_tables(self, metadata: MetaData) -> None:
+        """Create the tables (and indexes) of `metadata` that do not exist yet."""
+        async with self.engine.begin() as connection:
+            await connection.run_sync(metadata.create_all)
+
+    async def missing_tables(self, metadata: MetaData) -> list[str]:
+        """The names of `metadata`'s tables that this database does not have."""
+        names = [table.name for table in metadata.sorted_tables]
+        async with self.engine.connect() as connection:
+            return await connection.run_sync(
+                lambda sync: [name for name in names if not inspect_schema(sync).has_table(name)]
+            )
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Transaction]:

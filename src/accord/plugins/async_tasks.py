@@ -49,7 +49,6 @@ from sqlalchemy import (
     Table,
     Text,
     false,
-    inspect,
     select,
 )
 from sqlalchemy.engine import Row
@@ -298,13 +297,10 @@ class AsyncTasksPlugin(Plugin):
         await self.app.pub_sub_manager.subscribe(self.cancel_channel, self._on_cancel)
 
     async def install(self) -> None:
-        async with self.db.engine.begin() as connection:
-            await connection.run_sync(metadata.create_all)
+        await self.db.create_tables(metadata)
 
     async def after_start(self) -> None:
-        async with self.db.engine.connect() as connection:
-            present = await connection.run_sync(lambda c: inspect(c).has_table(TABLE))
-        if not present:
+        if await self.db.missing_tables(metadata):
             raise StateError(
                 f"async-tasks: the table {TABLE} is missing although the plugin is installed; "
                 f"delete the row (app={self.app.name!r}, name={self.name!r}) from accord_plugins "

@@ -22,7 +22,6 @@ from typing import Any, ClassVar
 from sqlalchemy import (
     JSON,
     Column,
-    Connection,
     Integer,
     MetaData,
     PrimaryKeyConstraint,
@@ -30,7 +29,6 @@ from sqlalchemy import (
     Table,
     and_,
     func,
-    inspect,
     select,
 )
 from sqlalchemy.exc import IntegrityError
@@ -208,7 +206,7 @@ class CollectionsPlugin(Plugin):
     # database the tables do not exist yet, and the schema is read in `after_start`.
 
     async def load(self) -> None:
-        if await self._missing_tables():
+        if await self.db.missing_tables(metadata):
             self.log.debug("tables not created yet; the schema is read after install")
             return
         await self._reload()
@@ -216,13 +214,12 @@ class CollectionsPlugin(Plugin):
         self.log.info("loaded %d collection(s)", len(self._collections))
 
     async def install(self) -> None:
-        async with self.db.engine.begin() as connection:
-            await connection.run_sync(metadata.create_all)
+        await self.db.create_tables(metadata)
 
     async def after_start(self) -> None:
         if self._loaded:
             return
-        missing = await self._missing_tables()
+        missing = await self.db.missing_tables(metadata)
         if missing:
             raise PluginError(
                 f"plugin {self.name!r}: the table(s) {', '.join(missing)} are missing although "
@@ -441,14 +438,6 @@ class CollectionsPlugin(Plugin):
             "options": item.options,
             "position": position,
         }
-
-    async def _missing_tables(self) -> list[str]:
-        def missing(connection: Connection) -> list[str]:
-            inspector = inspect(connection)
-            return [t.name for t in metadata.sorted_tables if not inspector.has_table(t.name)]
-
-        async with self.db.engine.connect() as connection:
-            return await connection.run_sync(missing)
 
     async def _reload(self, name: str | None = None) -> None:
         """Read one collection (or all) from the database into memory.

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from sqlalchemy import Column, DateTime, MetaData, String, Table, Text, inspect, select
+from sqlalchemy import Column, DateTime, MetaData, String, Table, Text, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -206,8 +206,7 @@ class TokenPolicyPlugin(Plugin):
         self._cache = await self.app.cache_manager.create_cache(name=self.name, store=store)
 
     async def install(self) -> None:
-        async with self.db.engine.begin() as connection:
-            await connection.run_sync(metadata.create_all)
+        await self.db.create_tables(metadata)
 
     async def policy(self) -> TokenPolicy:
         """The current policy: from the cache, else from the database (defaults if never set)."""
@@ -293,19 +292,15 @@ class TokenPolicyPlugin(Plugin):
         return policy
 
     async def _forget(self) -> None:
-        # The lock `wrap(lock=True)` holds while it loads and stores (docs/cache.md):
-        # a load that read the old row before the commit stores it before this deletes.
-        lock = f"cache:{self.cache.prefix}:{CACHE_KEY}"
+        # The lock `wrap(lock=True)` holds while it loads and stores: a load that
+        # read the old row before the commit stores it before this deletes.
+        lock = self.cache.lock_name(CACHE_KEY)
         async with self.app.lock_manager.lock(lock, timeout=LOCK_TIMEOUT):
             await self.cache.delete(CACHE_KEY)
         self.log.info("token policy changed; cached copy (key %s) dropped", CACHE_KEY)
 
     async def _raise_if_no_table(self, exc: Exception) -> None:
-        async with self.db.engine.connect() as connection:
-            exists = await connection.run_sync(
-                lambda sync: inspect(sync).has_table(token_policies.name)
-            )
-        if not exists:
+        if await self.db.missing_tables(metadata):
             raise StateError(
                 f"plugin 'token-policy': the table {token_policies.name} does not exist; "
                 "it is created when the plugin is installed (start an application with it); "
